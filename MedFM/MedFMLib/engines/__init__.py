@@ -1,0 +1,84 @@
+"""Segmentation engines behind one small interface, created by model name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..catalog import get_model_info
+from ..errors import ModelError
+from .base import Embedding, Engine, Prediction, Prompts2D
+from .device import resolve_device
+
+__all__ = ["Embedding", "Engine", "Prediction", "Prompts2D", "create_engine", "resolve_device"]
+
+
+def _weights_id(checkpoint: Path) -> str:
+    # Cheap identity (no hashing of a 2.5 GB file on every start); the model
+    # store verifies content separately.
+    stat = checkpoint.stat()
+    return f"{checkpoint.name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def create_engine(
+    model: str,
+    checkpoint: str | Path | None = None,
+    device: str = "auto",
+    random_weights: bool = False,
+    seed: int = 0,
+) -> Engine:
+    """Create the engine for a catalog model.
+
+    ``random_weights`` builds the full-size network with random weights: it
+    costs the same time and memory as the trained one, for benchmarks and tests.
+    """
+    info = get_model_info(model)
+    if info.engine == "classic":
+        from .classic import ClassicEngine
+
+        return ClassicEngine()
+    if info.engine != "sam":
+        raise ModelError(f"Model '{model}' needs the '{info.engine}' engine, which this MedFM does not have.")
+    try:
+        import segment_anything  # noqa: F401
+        import torch
+    except ImportError as exc:
+        raise ModelError(
+            f"Model '{model}' needs PyTorch and segment-anything ({exc.name} is missing); "
+            "install them with: pip install 'medfm[sam]'"
+        ) from None
+    from .sam import (
+        SamArchitecture,
+        SamEngine,
+        build_sam_model,
+        get_architecture,
+        load_sam_model,
+        register_architecture,
+    )
+
+    if info.sam_architecture:
+        params = dict(info.sam_architecture)
+        params["encoder_global_attn_indexes"] = tuple(params.get("encoder_global_attn_indexes", ()))
+        try:
+            register_architecture(info.arch, SamArchitecture(**params))
+        except TypeError as exc:
+            raise ModelError(f"Catalog entry '{model}' has a bad sam_architecture: {exc}.") from None
+    resolved = resolve_device(device)
+    if random_weights:
+        torch.manual_seed(seed)
+        network, weights_id = build_sam_model(get_architecture(info.arch)), f"random{seed}"
+    else:
+        if checkpoint is None:
+            raise ModelError(
+                f"Model '{model}' needs its checkpoint file: pass --checkpoint PATH "
+                "(or --random-weights for a timing run)."
+            )
+        checkpoint = Path(checkpoint)
+        network, weights_id = load_sam_model(info.arch, checkpoint, model_name=model), _weights_id(checkpoint)
+    return SamEngine(
+        network,
+        model_name=model,
+        device=resolved,
+        preprocessing=info.preprocessing,
+        weights_id=weights_id,
+        prompt_types=info.prompts,
+    )

@@ -1,0 +1,113 @@
+"""`classic`: a weight-free engine, so MedFM works offline on any CPU.
+
+Region growing from the positive points, bounded by the box and pushed back by
+the negative points:
+
+* each positive point takes the robust intensity of its neighbourhood; pixels
+  connected to it whose value lies within a tolerance of it join the mask;
+* a box limits the region, and without points its central area seeds it;
+* when a negative point falls inside the grown region, the tolerance shrinks
+  until it no longer does, and finally a small disc around it is cut away.
+
+It is deterministic, so it also serves as the oracle of the geometry tests: a
+click on a bright phantom sphere must return exactly that sphere's section.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import PromptError
+from .base import Embedding, Engine, Prediction, Prompts2D
+
+# Tolerance around the seed value, in window units ([0, 1]); the lower bound
+# keeps noise-free phantoms and flat regions from collapsing to a single pixel.
+_MIN_TOLERANCE = 0.06
+_NOISE_FACTOR = 3.0
+_SEED_RADIUS = 2
+_SHRINK_STEPS = 8
+
+
+def _neighbourhood(image: np.ndarray, x: float, y: float, radius: int) -> np.ndarray:
+    row, col = int(round(y)), int(round(x))
+    return image[max(0, row - radius) : row + radius + 1, max(0, col - radius) : col + radius + 1]
+
+
+class ClassicEngine(Engine):
+    """Region growing seeded by points and bounded by a box; needs no weights."""
+
+    model_name = "classic"
+    prompt_types = ("point", "box")
+    # Region growing works on the native grid; resampling would only blur its edges.
+    prefers_square_pixels = False
+
+    def __init__(self, device: str = "cpu") -> None:
+        # Runs on the CPU whatever the caller asked for: there is nothing to accelerate.
+        self.device = "cpu"
+
+    def encode(self, image: np.ndarray) -> Embedding:
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        if image.ndim != 2:
+            raise ValueError(f"expected a 2D image, got shape {image.shape}")
+        return Embedding(features=image, image_shape=image.shape, nbytes=image.nbytes)
+
+    def decode(self, embedding: Embedding, prompts: Prompts2D, previous_logits: np.ndarray | None = None) -> Prediction:
+        import SimpleITK as sitk
+
+        self.check_prompts(prompts)
+        image: np.ndarray = embedding.features
+        rows, cols = image.shape
+        allowed = np.ones(image.shape, dtype=bool)
+        seeds = [tuple(p) for p, label in zip(prompts.points, prompts.labels) if label == 1]
+        negatives = [tuple(p) for p, label in zip(prompts.points, prompts.labels) if label == 0]
+        if prompts.box is not None:
+            x0, y0, x1, y1 = prompts.box
+            c0, c1 = int(np.clip(np.floor(x0 + 0.5), 0, cols - 1)), int(np.clip(np.ceil(x1 - 0.5), 0, cols - 1))
+            r0, r1 = int(np.clip(np.floor(y0 + 0.5), 0, rows - 1)), int(np.clip(np.ceil(y1 - 0.5), 0, rows - 1))
+            allowed[:] = False
+            allowed[r0 : r1 + 1, c0 : c1 + 1] = True
+            if not seeds:
+                seeds = [((x0 + x1) / 2.0, (y0 + y1) / 2.0)]
+                seed_radius = max(_SEED_RADIUS, int(min(x1 - x0, y1 - y0) / 6))
+            else:
+                seed_radius = _SEED_RADIUS
+        else:
+            seed_radius = _SEED_RADIUS
+        if not seeds:
+            raise PromptError("The classic model needs at least one positive point or a box.")
+
+        seed_stats = []
+        for x, y in seeds:
+            patch = _neighbourhood(image, x, y, seed_radius)
+            centre = float(np.median(patch))
+            spread = float(np.median(np.abs(patch - centre))) * 1.4826
+            seed_stats.append((x, y, centre, max(_MIN_TOLERANCE, _NOISE_FACTOR * spread)))
+
+        sitk_image = sitk.GetImageFromArray(np.where(allowed, image, np.float32(-10.0)).astype(np.float32))
+        negative_pixels = [(int(round(y)), int(round(x))) for x, y in negatives]
+
+        mask = np.zeros(image.shape, dtype=bool)
+        for step in range(_SHRINK_STEPS + 1):
+            shrink = 0.75**step
+            mask[:] = False
+            for x, y, centre, tolerance in seed_stats:
+                seed = (int(np.clip(round(x), 0, cols - 1)), int(np.clip(round(y), 0, rows - 1)))
+                if not allowed[seed[1], seed[0]]:
+                    continue
+                grown = sitk.ConnectedThreshold(
+                    sitk_image,
+                    seedList=[seed],
+                    lower=centre - tolerance * shrink,
+                    upper=centre + tolerance * shrink,
+                )
+                mask |= sitk.GetArrayViewFromImage(grown).astype(bool)
+            if not any(mask[r, c] for r, c in negative_pixels if 0 <= r < rows and 0 <= c < cols):
+                break
+        for r, c in negative_pixels:
+            if 0 <= r < rows and 0 <= c < cols and mask[r, c]:
+                yy, xx = np.ogrid[:rows, :cols]
+                mask &= (yy - r) ** 2 + (xx - c) ** 2 > (2 * _SEED_RADIUS + 1) ** 2
+
+        filled = sitk.BinaryFillhole(sitk.GetImageFromArray(mask.astype(np.uint8)), fullyConnected=False)
+        mask = sitk.GetArrayFromImage(filled).astype(bool) & allowed
+        return Prediction(mask=mask, score=1.0 if mask.any() else 0.0, low_res_logits=None)

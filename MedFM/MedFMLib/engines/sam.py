@@ -1,0 +1,294 @@
+"""SAM ViT-B/L/H and MedSAM through Meta's `segment-anything` package.
+
+The models are built from segment-anything's own classes and loaded from the
+official checkpoint files ourselves, rather than through its ``build_sam``,
+because that calls ``torch.load`` without ``map_location`` (a GPU-saved file
+fails on a CPU machine) and without ``weights_only`` (a checkpoint could run
+code). Keys and shapes are checked strictly, with a message that names the
+likely right model when a file does not match.
+
+Images arrive as float32 in [0, 1] and stay floating point all the way into
+the encoder; they are never quantised to 8 bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelError, PromptError
+from .base import Embedding, Engine, Prediction, Prompts2D
+
+
+@dataclass(frozen=True)
+class SamArchitecture:
+    """Hyper-parameters of a SAM model, as in segment-anything's ``build_sam``."""
+
+    encoder_embed_dim: int
+    encoder_depth: int
+    encoder_num_heads: int
+    encoder_global_attn_indexes: tuple[int, ...]
+    prompt_embed_dim: int = 256
+    image_size: int = 1024
+    patch_size: int = 16
+    window_size: int = 14
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    iou_head_hidden_dim: int = 256
+
+
+SAM_ARCHITECTURES: dict[str, SamArchitecture] = {
+    "vit_b": SamArchitecture(768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": SamArchitecture(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": SamArchitecture(1280, 32, 16, (7, 15, 23, 31)),
+}
+
+
+def register_architecture(name: str, architecture: SamArchitecture) -> None:
+    """Make a SAM architecture (e.g. a small fine-tune) available by name."""
+    SAM_ARCHITECTURES[name] = architecture
+
+
+def get_architecture(name: str) -> SamArchitecture:
+    try:
+        return SAM_ARCHITECTURES[name]
+    except KeyError:
+        raise ModelError(f"Unknown SAM architecture '{name}': known are {', '.join(SAM_ARCHITECTURES)}.") from None
+
+
+def build_sam_model(architecture: SamArchitecture):
+    """A SAM model with freshly initialised (random) weights, in eval mode."""
+    from functools import partial
+
+    import torch
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    arch = architecture
+    embedding_size = arch.image_size // arch.patch_size
+    model = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=arch.encoder_depth,
+            embed_dim=arch.encoder_embed_dim,
+            img_size=arch.image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=arch.encoder_num_heads,
+            patch_size=arch.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=arch.encoder_global_attn_indexes,
+            window_size=arch.window_size,
+            out_chans=arch.prompt_embed_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=arch.prompt_embed_dim,
+            image_embedding_size=(embedding_size, embedding_size),
+            input_image_size=(arch.image_size, arch.image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=2,
+                embedding_dim=arch.prompt_embed_dim,
+                mlp_dim=arch.decoder_mlp_dim,
+                num_heads=arch.decoder_num_heads,
+            ),
+            transformer_dim=arch.prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=arch.iou_head_hidden_dim,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    return model.eval()
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """Read a checkpoint's tensors safely (no code execution), onto the CPU."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"Checkpoint '{path}' does not exist; check the path or download the model again.")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"'{path.name}' is not a readable PyTorch checkpoint ({reason}); it may be truncated or the "
+            "wrong file: download it again."
+        ) from None
+    # Fine-tuning scripts often wrap the weights; the official files are a bare state dict.
+    for wrapper in ("model", "state_dict"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            loaded = loaded[wrapper]
+    if not isinstance(loaded, dict) or not loaded or not all(torch.is_tensor(v) for v in loaded.values()):
+        raise ModelError(f"'{path.name}' holds no model weights (expected a state dict of tensors).")
+    return loaded
+
+
+def _guess_architecture(state_dict: dict) -> str:
+    if any(key.startswith("image_encoder.trunk.") for key in state_dict):
+        return "a SAM 2 checkpoint"
+    weight = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if weight is None:
+        return "not a SAM checkpoint"
+    depth = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
+    for name, arch in SAM_ARCHITECTURES.items():
+        if arch.encoder_embed_dim == weight.shape[0] and arch.encoder_depth == depth:
+            return f"a SAM {name} checkpoint"
+    return f"a SAM checkpoint with embedding width {weight.shape[0]}"
+
+
+def load_sam_model(architecture_name: str, checkpoint: str | Path, model_name: str = ""):
+    """Build a SAM model and load a checkpoint into it, checking keys and shapes strictly."""
+    architecture = get_architecture(architecture_name)
+    state_dict = read_state_dict(checkpoint)
+    model = build_sam_model(architecture)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong_shape:
+        raise ModelError(
+            f"'{Path(checkpoint).name}' does not match {model_name or architecture_name} "
+            f"(SAM {architecture_name}): {len(missing)} missing, {len(unexpected)} unexpected and "
+            f"{len(wrong_shape)} wrong-shaped weights; it looks like {_guess_architecture(state_dict)}. "
+            "Choose the model that matches the file."
+        )
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+class SamEngine(Engine):
+    """A SAM-family model: ``preprocessing`` is "sam" (ViT-B/L/H) or "medsam"."""
+
+    def __init__(
+        self,
+        model,
+        model_name: str,
+        device: str = "cpu",
+        preprocessing: str = "sam",
+        weights_id: str = "",
+        prompt_types: tuple[str, ...] = ("point", "box"),
+    ) -> None:
+        import torch
+
+        if preprocessing not in ("sam", "medsam"):
+            raise ValueError(f"unknown preprocessing {preprocessing!r}")
+        self.model_name = model_name
+        self.device = device
+        self.preprocessing = preprocessing
+        self.prompt_types = prompt_types
+        self.weights_id = weights_id
+        self.model = model.to(device).eval()
+        # Half precision is safe for the ViT encoder on a GPU (autocast keeps the
+        # numerically sensitive ops in float32); the small decoder stays float32.
+        self.autocast_dtype = None
+        if device.startswith("cuda"):
+            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.storage_dtype = torch.float16 if device != "cpu" else torch.float32
+
+    @property
+    def cache_id(self) -> str:
+        precision = "fp16" if self.autocast_dtype is not None else "fp32"
+        return f"{self.model_name}:{self.weights_id}@{self.device}/{precision}"
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.image_encoder.img_size)
+
+    def check_prompts(self, prompts: Prompts2D) -> None:
+        super().check_prompts(prompts)
+        if self.prompt_types == ("box",) and prompts.box is None:
+            raise PromptError(f"{self.model_name} is box-prompted: draw a box around the object first.")
+
+    def _model_input(self, image: np.ndarray):
+        """Resize (on the CPU, where antialiasing works everywhere) and normalise, as the model was trained."""
+        import torch
+        import torch.nn.functional as F
+
+        rows, cols = image.shape
+        size = self.image_size
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+        if self.preprocessing == "sam":
+            scale = size / max(rows, cols)
+            input_size = (int(rows * scale + 0.5), int(cols * scale + 0.5))
+            x = F.interpolate(x, input_size, mode="bilinear", align_corners=False, antialias=True)
+            x = x.expand(1, 3, *input_size).to(self.device) * 255.0
+            x = self.model.preprocess(x)  # pixel mean/std, zero padding to a square
+        else:
+            # MedSAM: a plain resize to the square input, values in [0, 1], no mean/std.
+            input_size = (size, size)
+            x = F.interpolate(x, input_size, mode="bilinear", align_corners=False, antialias=True)
+            x = x.clamp(0.0, 1.0).expand(1, 3, size, size).to(self.device)
+        return x, input_size
+
+    def encode(self, image: np.ndarray) -> Embedding:
+        import torch
+
+        if image.ndim != 2:
+            raise ValueError(f"expected a 2D image, got shape {image.shape}")
+        with torch.inference_mode():
+            x, input_size = self._model_input(image)
+            if self.autocast_dtype is not None:
+                with torch.autocast(device_type="cuda", dtype=self.autocast_dtype):
+                    features = self.model.image_encoder(x)
+            else:
+                features = self.model.image_encoder(x)
+            features = features.to(self.storage_dtype).contiguous()
+        return Embedding(
+            features=features,
+            image_shape=tuple(image.shape),
+            nbytes=features.numel() * features.element_size(),
+            extra={"input_size": input_size},
+        )
+
+    def decode(self, embedding: Embedding, prompts: Prompts2D, previous_logits: np.ndarray | None = None) -> Prediction:
+        import torch
+        import torch.nn.functional as F
+
+        self.check_prompts(prompts)
+        rows, cols = embedding.image_shape
+        input_rows, input_cols = embedding.extra["input_size"]
+        scaled = prompts.scaled(input_cols / cols, input_rows / rows)
+        multimask = prompts.is_single_point and previous_logits is None
+        with torch.inference_mode():
+            points = boxes = masks = None
+            if len(scaled.points):
+                coords = torch.as_tensor(scaled.points, device=self.device)[None]
+                labels = torch.as_tensor(scaled.labels, dtype=torch.int, device=self.device)[None]
+                points = (coords, labels)
+            if scaled.box is not None:
+                boxes = torch.as_tensor(scaled.box, device=self.device)[None]
+            if previous_logits is not None:
+                masks = torch.as_tensor(previous_logits, dtype=torch.float32, device=self.device).reshape(
+                    1, 1, *previous_logits.shape[-2:]
+                )
+            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
+            low_res, iou = self.model.mask_decoder(
+                image_embeddings=embedding.features.float(),
+                image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
+            best = int(torch.argmax(iou[0])) if multimask else 0
+            chosen = low_res[:, best : best + 1]
+            # Upsample only the chosen mask: the other two would cost as much again.
+            if self.preprocessing == "sam":
+                logits = self.model.postprocess_masks(chosen, (input_rows, input_cols), (rows, cols))
+                mask = logits[0, 0] > self.model.mask_threshold
+            else:
+                probability = F.interpolate(torch.sigmoid(chosen), (rows, cols), mode="bilinear", align_corners=False)
+                mask = probability[0, 0] > 0.5
+            return Prediction(
+                mask=mask.cpu().numpy(),
+                score=float(iou[0, best]),
+                low_res_logits=chosen[0].float().cpu().numpy(),
+            )

@@ -1,0 +1,397 @@
+"""An interactive segmentation session on one volume.
+
+The session holds the objects (segments) of a volume and their prompts, in
+RAS millimetres as the user placed them. Every prompt belongs to one slice
+plane; each change re-decodes only that plane, writes its mask into the
+object's 3D mask, and can be undone and redone.
+
+Refinement follows SAM's recommendation: when a point is added, the previous
+low-resolution logits of that slice are fed back to the decoder. When a point
+is moved or removed, the slice is decoded afresh from the remaining prompts,
+because the old logits still carry the influence of the point that is gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .cache import EmbeddingCache, EmbeddingKey
+from .engines.base import Embedding, Engine, Prompts2D
+from .errors import PromptError
+from .geometry import (
+    SlicePlane,
+    ViewLike,
+    box_on_plane,
+    extract_slice,
+    plane_through,
+    point_on_plane,
+    write_slice,
+)
+from .intensity import Window, resolve_window
+from .resample import isotropic_shape, resize_linear
+from .volume import Volume
+
+# Resample a slice to square pixels only when the aspect ratio is off by more
+# than this: below it the interpolation blur costs more than the distortion.
+_ANISOTROPY_TOLERANCE = 1.1
+
+_DEFAULT_COLORS = [
+    (0.95, 0.35, 0.25),
+    (0.25, 0.65, 0.95),
+    (0.40, 0.85, 0.35),
+    (0.95, 0.80, 0.25),
+    (0.75, 0.45, 0.90),
+    (0.30, 0.85, 0.80),
+]
+
+
+@dataclass(frozen=True)
+class PointPrompt:
+    id: int
+    ras: tuple[float, float, float]
+    positive: bool
+
+
+@dataclass(frozen=True)
+class BoxPrompt:
+    id: int
+    corner_a: tuple[float, float, float]
+    corner_b: tuple[float, float, float]
+
+
+@dataclass(frozen=True, eq=False)
+class SliceState:
+    """The prompts of one object on one plane, and the mask they produced."""
+
+    plane: SlicePlane
+    points: tuple[PointPrompt, ...] = ()
+    box: BoxPrompt | None = None
+    mask: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    score: float = 0.0
+
+    @property
+    def has_prompts(self) -> bool:
+        return bool(self.points) or self.box is not None
+
+
+@dataclass
+class SegmentObject:
+    id: int
+    name: str
+    color: tuple[float, float, float]
+    mask: np.ndarray
+    slices: dict[SlicePlane, SliceState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SliceUpdate:
+    """What changed after an action: one plane of one object's mask."""
+
+    object_id: int
+    plane: SlicePlane
+    mask: np.ndarray | None
+    score: float
+
+
+@dataclass(frozen=True)
+class _Change:
+    object_id: int
+    plane: SlicePlane
+    before: SliceState | None
+    after: SliceState | None
+
+
+def _as_ras(point: Sequence[float]) -> tuple[float, float, float]:
+    values = np.asarray(point, dtype=np.float64).reshape(-1)
+    if values.shape != (3,) or not np.all(np.isfinite(values)):
+        raise PromptError(f"A RAS point needs three finite numbers, not {point!r}.")
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+class Session:
+    """Objects, prompts, undo/redo and cached embeddings for one volume and engine."""
+
+    def __init__(
+        self,
+        volume: Volume,
+        engine: Engine,
+        window: Window | None = None,
+        cache: EmbeddingCache | None = None,
+        isotropic: bool | None = None,
+    ) -> None:
+        self.volume = volume
+        self.engine = engine
+        self.window = resolve_window(volume.array, window)
+        self.cache = cache if cache is not None else EmbeddingCache()
+        # Resample anisotropic slices to square pixels (default: as the engine prefers).
+        self.isotropic = engine.prefers_square_pixels if isotropic is None else isotropic
+        self.objects: dict[int, SegmentObject] = {}
+        self._undo: list[list[_Change]] = []
+        self._redo: list[list[_Change]] = []
+        self._next_object_id = 1
+        self._next_prompt_id = 1
+
+    # ----------------------------------------------------------------- objects
+    def add_object(self, name: str | None = None, color: Sequence[float] | None = None) -> int:
+        object_id = self._next_object_id
+        self._next_object_id += 1
+        if color is None:
+            color = _DEFAULT_COLORS[(object_id - 1) % len(_DEFAULT_COLORS)]
+        self.objects[object_id] = SegmentObject(
+            id=object_id,
+            name=name or f"Segment_{object_id}",
+            color=tuple(float(c) for c in color),
+            mask=np.zeros(self.volume.array.shape, dtype=bool),
+        )
+        return object_id
+
+    def remove_object(self, object_id: int) -> None:
+        self._object(object_id)
+        del self.objects[object_id]
+        # History entries of a removed object can no longer be replayed.
+        for stack in (self._undo, self._redo):
+            stack[:] = [[c for c in entry if c.object_id != object_id] for entry in stack]
+            stack[:] = [entry for entry in stack if entry]
+
+    def mask(self, object_id: int) -> np.ndarray:
+        """The object's 3D mask, (K, J, I) bool, in the volume's own grid."""
+        return self._object(object_id).mask
+
+    def labelmap(self) -> np.ndarray:
+        """All objects as one (K, J, I) labelmap; label = object id, later objects on top."""
+        labels = np.zeros(self.volume.array.shape, dtype=np.uint16)
+        for obj in self.objects.values():
+            labels[obj.mask] = obj.id
+        return labels
+
+    def prompts(self, object_id: int) -> list[PointPrompt | BoxPrompt]:
+        result: list[PointPrompt | BoxPrompt] = []
+        for state in self._object(object_id).slices.values():
+            result.extend(state.points)
+            if state.box is not None:
+                result.append(state.box)
+        return result
+
+    # ----------------------------------------------------------------- prompts
+    def add_point(
+        self, object_id: int, ras: Sequence[float], positive: bool = True, view: ViewLike = "axial"
+    ) -> SliceUpdate:
+        """Add a positive or negative click, given in RAS millimetres, in the given view."""
+        obj = self._object(object_id)
+        ras = _as_ras(ras)
+        plane = plane_through(self.volume, ras, view)
+        before = obj.slices.get(plane)
+        state = before or SliceState(plane)
+        point = PointPrompt(self._next_prompt_id, ras, bool(positive))
+        after = self._predict(replace(state, points=state.points + (point,)), refine_from=state)
+        self._next_prompt_id += 1
+        return self._commit([_Change(object_id, plane, before, after)])[0]
+
+    def set_box(
+        self, object_id: int, corner_a: Sequence[float], corner_b: Sequence[float], view: ViewLike = "axial"
+    ) -> SliceUpdate:
+        """Set the object's box (two RAS corners on one slice), replacing any earlier box."""
+        obj = self._object(object_id)
+        corner_a, corner_b = _as_ras(corner_a), _as_ras(corner_b)
+        plane, _ = box_on_plane(self.volume, corner_a, corner_b, view)
+        changes = []
+        for old_plane, old_state in obj.slices.items():
+            if old_state.box is not None and old_plane != plane:
+                changes.append(_Change(object_id, old_plane, old_state, self._predict(replace(old_state, box=None))))
+        before = obj.slices.get(plane)
+        state = before or SliceState(plane)
+        box = BoxPrompt(self._next_prompt_id, corner_a, corner_b)
+        # A new box changes what the object is: start afresh rather than refine.
+        changes.append(_Change(object_id, plane, before, self._predict(replace(state, box=box))))
+        self._next_prompt_id += 1
+        return self._commit(changes)[-1]
+
+    def move_prompt(self, object_id: int, prompt_id: int, ras: Sequence[float]) -> list[SliceUpdate]:
+        """Move a point to a new RAS position (it may change slice), or a box's second corner."""
+        obj = self._object(object_id)
+        ras = _as_ras(ras)
+        state, prompt = self._find_prompt(obj, prompt_id)
+        if isinstance(prompt, BoxPrompt):
+            corner_a = prompt.corner_a
+            plane, _ = box_on_plane(self.volume, corner_a, ras, state.plane.axis)
+            if plane != state.plane:
+                raise PromptError("A box corner can only be moved within the box's own slice.")
+            moved = replace(prompt, corner_b=ras)
+            return self._commit([_Change(object_id, plane, state, self._predict(replace(state, box=moved)))])
+        new_plane = plane_through(self.volume, ras, state.plane.axis)
+        moved = replace(prompt, ras=ras)
+        if new_plane == state.plane:
+            points = tuple(moved if p.id == prompt_id else p for p in state.points)
+            return self._commit([_Change(object_id, state.plane, state, self._predict(replace(state, points=points)))])
+        remaining = tuple(p for p in state.points if p.id != prompt_id)
+        target_before = obj.slices.get(new_plane)
+        target = target_before or SliceState(new_plane)
+        changes = [
+            _Change(object_id, state.plane, state, self._predict(replace(state, points=remaining))),
+            _Change(
+                object_id,
+                new_plane,
+                target_before,
+                self._predict(replace(target, points=target.points + (moved,)), refine_from=target),
+            ),
+        ]
+        return self._commit(changes)
+
+    def move_box(self, object_id: int, corner_a: Sequence[float], corner_b: Sequence[float]) -> SliceUpdate:
+        """Replace both corners of the object's box (a drag of the whole box)."""
+        obj = self._object(object_id)
+        state = next((s for s in obj.slices.values() if s.box is not None), None)
+        if state is None:
+            raise PromptError("This object has no box to move; draw one first.")
+        return self.set_box(object_id, corner_a, corner_b, view=state.plane.axis)
+
+    def remove_prompt(self, object_id: int, prompt_id: int) -> SliceUpdate:
+        obj = self._object(object_id)
+        state, prompt = self._find_prompt(obj, prompt_id)
+        if isinstance(prompt, BoxPrompt):
+            reduced = replace(state, box=None)
+        else:
+            reduced = replace(state, points=tuple(p for p in state.points if p.id != prompt_id))
+        return self._commit([_Change(object_id, state.plane, state, self._predict(reduced))])[0]
+
+    def clear_object(self, object_id: int) -> list[SliceUpdate]:
+        """Remove all prompts of an object (undoable)."""
+        obj = self._object(object_id)
+        changes = [_Change(object_id, plane, state, None) for plane, state in obj.slices.items()]
+        return self._commit(changes) if changes else []
+
+    # ------------------------------------------------------------- undo, redo
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    def undo(self) -> list[SliceUpdate]:
+        if not self._undo:
+            return []
+        changes = self._undo.pop()
+        self._redo.append(changes)
+        return [self._apply(c.object_id, c.plane, c.before) for c in reversed(changes)]
+
+    def redo(self) -> list[SliceUpdate]:
+        if not self._redo:
+            return []
+        changes = self._redo.pop()
+        self._undo.append(changes)
+        return [self._apply(c.object_id, c.plane, c.after) for c in changes]
+
+    # --------------------------------------------------------------- encoding
+    def embedding_key(self, plane: SlicePlane) -> EmbeddingKey:
+        return EmbeddingKey(
+            volume=self.volume.fingerprint,
+            axis=plane.axis,
+            index=plane.index,
+            engine=self.engine.cache_id,
+            window=self.window.key(),
+            image_shape=self.model_image_shape(plane),
+        )
+
+    def model_image_shape(self, plane: SlicePlane) -> tuple[int, int]:
+        """Size of the image the engine sees: the slice, resampled to square pixels if needed."""
+        shape = plane.shape(self.volume)
+        row_mm, col_mm = plane.pixel_spacing(self.volume)
+        if not self.isotropic or max(row_mm, col_mm) / min(row_mm, col_mm) < _ANISOTROPY_TOLERANCE:
+            return shape
+        return isotropic_shape(shape, (row_mm, col_mm))
+
+    def model_image(self, plane: SlicePlane) -> np.ndarray:
+        image = self.window.apply(extract_slice(self.volume.array, plane))
+        target = self.model_image_shape(plane)
+        return image if image.shape == target else resize_linear(image, target)
+
+    def embedding(self, plane: SlicePlane) -> Embedding:
+        """The plane's embedding, encoded on first use and cached after."""
+        return self.cache.get_or_create(self.embedding_key(plane), lambda: self.engine.encode(self.model_image(plane)))
+
+    def is_encoded(self, plane: SlicePlane) -> bool:
+        return self.embedding_key(plane) in self.cache
+
+    def slice_prompts(self, state: SliceState) -> Prompts2D:
+        """A state's prompts in the pixel coordinates of the engine's image."""
+        points = [point_on_plane(self.volume, state.plane, p.ras) for p in state.points]
+        labels = [1 if p.positive else 0 for p in state.points]
+        box = None
+        if state.box is not None:
+            _, box = box_on_plane(self.volume, state.box.corner_a, state.box.corner_b, state.plane.axis)
+        prompts = Prompts2D(np.array(points, np.float32).reshape(-1, 2), labels, box)
+        rows, cols = state.plane.shape(self.volume)
+        model_rows, model_cols = self.model_image_shape(state.plane)
+        if (model_rows, model_cols) != (rows, cols):
+            prompts = prompts.scaled(model_cols / cols, model_rows / rows)
+        return prompts
+
+    # --------------------------------------------------------------- internals
+    def _object(self, object_id: int) -> SegmentObject:
+        try:
+            return self.objects[object_id]
+        except KeyError:
+            raise PromptError(f"There is no object {object_id}; add one first.") from None
+
+    def _find_prompt(self, obj: SegmentObject, prompt_id: int) -> tuple[SliceState, PointPrompt | BoxPrompt]:
+        for state in obj.slices.values():
+            for point in state.points:
+                if point.id == prompt_id:
+                    return state, point
+            if state.box is not None and state.box.id == prompt_id:
+                return state, state.box
+        raise PromptError(f"Object {obj.id} has no prompt {prompt_id}.")
+
+    def _predict(self, state: SliceState, refine_from: SliceState | None = None) -> SliceState | None:
+        """Decode a state's prompts; None when no prompt is left on the plane."""
+        if not state.has_prompts:
+            return None
+        previous = refine_from.logits if refine_from is not None and refine_from.has_prompts else None
+        prompts = self.slice_prompts(state)
+        self.engine.check_prompts(prompts)
+        prediction = self.engine.decode(self.embedding(state.plane), prompts, previous)
+        mask = np.asarray(prediction.mask, dtype=bool)
+        slice_shape = state.plane.shape(self.volume)
+        if mask.shape != slice_shape:
+            mask = resize_linear(mask.astype(np.float32), slice_shape) >= 0.5
+        return replace(state, mask=mask, logits=prediction.low_res_logits, score=prediction.score)
+
+    def _commit(self, changes: list[_Change]) -> list[SliceUpdate]:
+        updates = [self._apply(c.object_id, c.plane, c.after) for c in changes]
+        self._undo.append(changes)
+        self._redo.clear()
+        return updates
+
+    def _apply(self, object_id: int, plane: SlicePlane, state: SliceState | None) -> SliceUpdate:
+        obj = self.objects[object_id]
+        if state is None:
+            obj.slices.pop(plane, None)
+        else:
+            obj.slices[plane] = state
+        write_slice(obj.mask, plane, self._compose_plane(obj, plane))
+        return SliceUpdate(
+            object_id, plane, None if state is None else state.mask, 0.0 if state is None else state.score
+        )
+
+    def _compose_plane(self, obj: SegmentObject, plane: SlicePlane) -> np.ndarray:
+        """The plane's own mask united with the lines where other views' slices cross it."""
+        state = obj.slices.get(plane)
+        if state is not None and state.mask is not None:
+            composite = state.mask.copy()
+        else:
+            composite = np.zeros(plane.shape(self.volume), dtype=bool)
+        for other in obj.slices.values():
+            if other.plane.axis == plane.axis or other.mask is None:
+                continue
+            line = other.mask[plane.index, :] if other.plane.row_axis == plane.axis else other.mask[:, plane.index]
+            if plane.row_axis == other.plane.axis:
+                composite[other.plane.index, :] |= line
+            else:
+                composite[:, other.plane.index] |= line
+        return composite

@@ -1,0 +1,106 @@
+"""Shared fixtures: phantoms with known answers and tiny real SAM checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from MedFMLib.phantoms import Ellipsoid, make_ijk_to_ras, render
+
+# A SAM small enough to run in milliseconds on a CPU, built from segment-anything's
+# own classes; everything but the sizes is as in the real models.
+TINY_SAM = {
+    "encoder_embed_dim": 32,
+    "encoder_depth": 2,
+    "encoder_num_heads": 2,
+    "encoder_global_attn_indexes": [1],
+    "prompt_embed_dim": 32,
+    "image_size": 256,
+    "window_size": 4,
+    "decoder_mlp_dim": 64,
+    "decoder_num_heads": 2,
+    "iou_head_hidden_dim": 32,
+}
+
+GEOMETRIES = {
+    # name: (spacing, origin, rotation in degrees, axis signs)
+    "ras_aligned": ((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (0, 0, 0), (1, 1, 1)),
+    "lps_anisotropic": ((0.8, 0.8, 3.0), (120.0, 90.0, -60.0), (0, 0, 0), (-1, -1, 1)),
+    "oblique_anisotropic": ((0.7, 1.1, 2.5), (-35.0, 20.0, 14.0), (25, -15, 30), (1, 1, 1)),
+    "oblique_lps": ((1.2, 0.9, 2.0), (50.0, -40.0, 7.5), (-12, 20, 8), (-1, -1, 1)),
+}
+
+
+def sphere_volume(geometry: str, dims=(48, 44, 24), radius_mm: float = 9.0, noise_sd: float = 0.0):
+    """A bright sphere in a darker body: the volume, the sphere's true mask and its centre (RAS)."""
+    spacing, origin, angles, signs = GEOMETRIES[geometry]
+    matrix = make_ijk_to_ras(spacing, origin, angles, signs)
+    # Put the centre off the grid's middle (and between voxels) to catch half-voxel errors.
+    centre_ijk = np.array([dims[0] * 0.45 + 0.3, dims[1] * 0.55 - 0.2, dims[2] * 0.5 + 0.1])
+    centre = matrix[:3, :3] @ centre_ijk + matrix[:3, 3]
+    volume, masks = render(
+        dims,
+        matrix,
+        [Ellipsoid(tuple(centre), (radius_mm,) * 3, 200.0)],
+        background=0.0,
+        noise_sd=noise_sd,
+        name=geometry,
+    )
+    return volume, masks[0], centre
+
+
+@pytest.fixture(params=sorted(GEOMETRIES))
+def geometry(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_catalog(tmp_path_factory) -> Path:
+    """A catalog file with tiny SAM and MedSAM models, and their checkpoints saved as the official files are."""
+    import torch
+
+    from MedFMLib.engines.sam import SamArchitecture, build_sam_model
+
+    folder = tmp_path_factory.mktemp("tiny_models")
+    params = dict(TINY_SAM, encoder_global_attn_indexes=tuple(TINY_SAM["encoder_global_attn_indexes"]))
+    torch.manual_seed(1234)
+    model = build_sam_model(SamArchitecture(**params))
+    # Random init leaves the decoder's output near zero; spread the weights so masks vary with prompts.
+    with torch.no_grad():
+        for parameter in model.mask_decoder.parameters():
+            parameter.mul_(3.0)
+    checkpoint = folder / "sam_tiny.pth"
+    torch.save(model.state_dict(), checkpoint)  # the official files are bare state dicts
+    entries = []
+    for name, preprocessing, prompts in (
+        ("sam_tiny", "sam", ["point", "box"]),
+        ("medsam_tiny", "medsam", ["box"]),
+    ):
+        entries.append(
+            {
+                "name": name,
+                "engine": "sam",
+                "arch": "vit_tiny",
+                "preprocessing": preprocessing,
+                "task": "general",
+                "prompts": prompts,
+                "input_size": TINY_SAM["image_size"],
+                "license": "Apache-2.0",
+                "commercial_use": True,
+                "homepage": "https://example.invalid/tests",
+                "sam_architecture": TINY_SAM,
+            }
+        )
+    catalog = folder / "catalog.json"
+    catalog.write_text(json.dumps({"format": 1, "models": entries}))
+    return catalog
+
+
+@pytest.fixture
+def tiny_sam(tiny_sam_catalog, monkeypatch) -> Path:
+    """Activates the tiny-model catalog; returns the checkpoint path."""
+    monkeypatch.setenv("MEDFM_CATALOG", str(tiny_sam_catalog))
+    return tiny_sam_catalog.parent / "sam_tiny.pth"

@@ -73,7 +73,7 @@ def run_benchmark(
         return volume.ijk_to_ras_points(np.array([size / 2 + dx, size / 2 + dy, k]))
 
     use_box = engine.prompt_types == ("box",)
-    half = 30.0
+    half = size / 16
 
     def click(object_id: int, k: int, dx: float, dy: float, positive: bool) -> None:
         if use_box:
@@ -97,10 +97,11 @@ def run_benchmark(
     for n in range(further_clicks):
         if n % 5 == 0:
             object_id = session.add_object()  # a fresh object: 1 to 5 clicks each, as users do
-        dx, dy = rng.uniform(-40, 40, size=2)
+        dx, dy = rng.uniform(-size / 12, size / 12, size=2)
         synchronize()
         started = time.perf_counter()
-        click(object_id, 0, float(dx), float(dy), positive=bool(n % 3 != 2))
+        # Each object starts with a positive click; every third further click is negative.
+        click(object_id, 0, float(dx), float(dy), positive=(n % 5 == 0 or n % 3 != 2))
         synchronize()
         next_ms.append((time.perf_counter() - started) * 1000)
 

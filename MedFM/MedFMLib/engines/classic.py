@@ -108,6 +108,17 @@ class ClassicEngine(Engine):
                 yy, xx = np.ogrid[:rows, :cols]
                 mask &= (yy - r) ** 2 + (xx - c) ** 2 > (2 * _SEED_RADIUS + 1) ** 2
 
-        filled = sitk.BinaryFillhole(sitk.GetImageFromArray(mask.astype(np.uint8)), fullyConnected=False)
-        mask = sitk.GetArrayFromImage(filled).astype(bool) & allowed
+        filled = sitk.GetArrayFromImage(
+            sitk.BinaryFillhole(sitk.GetImageFromArray(mask.astype(np.uint8)), fullyConnected=False)
+        ).astype(bool)
+        holes = filled & ~mask
+        if holes.any() and negative_pixels:
+            # A hole the user marked negative is background, not a gap to close.
+            hole_labels = sitk.GetArrayFromImage(
+                sitk.ConnectedComponent(sitk.GetImageFromArray(holes.astype(np.uint8)))
+            )
+            for r, c in negative_pixels:
+                if 0 <= r < rows and 0 <= c < cols and hole_labels[r, c]:
+                    filled[hole_labels == hole_labels[r, c]] = False
+        mask = filled & allowed
         return Prediction(mask=mask, score=1.0 if mask.any() else 0.0, low_res_logits=None)

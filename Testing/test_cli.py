@@ -1,0 +1,250 @@
+"""`medfm` end to end, in a real subprocess, on real files: outputs Slicer reads, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import slicerio
+
+from conftest import sphere_volume
+from MedFMLib.geometry import extract_slice, plane_through
+from MedFMLib.io import read_volume, write_volume
+from MedFMLib.volume import ras_to_lps_matrix
+
+MEDFM = [str(Path(sys.executable).with_name("medfm"))]
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        MEDFM + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def coords(ras) -> str:
+    return ",".join(f"{v:.4f}" for v in ras)
+
+
+@pytest.fixture(scope="module")
+def sphere_file(tmp_path_factory):
+    volume, sphere, centre = sphere_volume("oblique_lps", noise_sd=2.0)
+    path = write_volume(tmp_path_factory.mktemp("input") / "sphere.nii.gz", volume)
+    return path, read_volume(path), sphere, centre
+
+
+def test_segment_writes_a_slicer_segmentation_with_the_input_geometry(sphere_file, tmp_path):
+    path, volume, sphere, centre = sphere_file
+    out = tmp_path / "result.seg.nrrd"
+    result = run("segment", path, "--model", "classic", "--view", "coronal", "--point", coords(centre), "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert str(out) in result.stdout
+
+    segmentation = slicerio.read_segmentation(str(out))
+    np.testing.assert_allclose(segmentation["ijkToLPS"], ras_to_lps_matrix(volume.ijk_to_ras), atol=1e-4)
+    assert [s["name"] for s in segmentation["segments"]] == ["Segment_1"]
+    voxels_kji = np.transpose(segmentation["voxels"], (2, 1, 0)) > 0
+    plane = plane_through(volume, centre, "coronal")
+    expected = np.zeros_like(sphere)
+    expected[plane.array_index()] = extract_slice(sphere, plane)
+    np.testing.assert_array_equal(voxels_kji, expected)
+
+
+def test_slicer_itself_reads_the_segmentation(sphere_file, tmp_path):
+    """Slicer's own storage node (slicer-core) loads the file onto the right voxels."""
+    from slicer import vtkMRMLScene, vtkMRMLSegmentationNode, vtkMRMLSegmentationStorageNode
+    from vtk.util.numpy_support import vtk_to_numpy
+    from vtkmodules.vtkCommonMath import vtkMatrix4x4
+
+    path, volume, sphere, centre = sphere_file
+    out = tmp_path / "for_slicer.seg.nrrd"
+    assert run("segment", path, "--point", coords(centre), "--name", "tumour", "--out", out).returncode == 0
+
+    scene = vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    assert isinstance(node, vtkMRMLSegmentationNode)
+    storage = vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(out))
+    assert storage.ReadData(node)
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1
+    segment_id = segmentation.GetNthSegmentID(0)
+    assert segmentation.GetSegment(segment_id).GetName() == "tumour"
+
+    labelmap = node.GetBinaryLabelmapInternalRepresentation(segment_id)
+    matrix = vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(matrix)
+    image_to_world = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    np.testing.assert_allclose(image_to_world, volume.ijk_to_ras, atol=1e-4)  # Slicer's world is RAS
+    extent = labelmap.GetExtent()
+    dims = [extent[1] - extent[0] + 1, extent[3] - extent[2] + 1, extent[5] - extent[4] + 1]
+    values = vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(dims[::-1])
+    loaded = np.zeros(volume.array.shape, bool)
+    loaded[extent[4] : extent[5] + 1, extent[2] : extent[3] + 1, extent[0] : extent[1] + 1] = values > 0
+    plane = plane_through(volume, centre, "axial")
+    expected = np.zeros_like(sphere)
+    expected[plane.array_index()] = extract_slice(sphere, plane)
+    np.testing.assert_array_equal(loaded, expected)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_segment_writes_a_labelmap(sphere_file, tmp_path, suffix):
+    path, volume, sphere, centre = sphere_file
+    ijk = volume.ras_to_ijk_points(centre)
+    corner_a = volume.ijk_to_ras_points(ijk + np.array([-9, -9, 0]))
+    corner_b = volume.ijk_to_ras_points(ijk + np.array([9, 9, 0]))
+    out = tmp_path / f"labels{suffix}"
+    result = run("segment", path, "--box", coords(corner_a) + "," + coords(corner_b), "--out", out)
+    assert result.returncode == 0, result.stderr
+    labels = read_volume(out)
+    np.testing.assert_allclose(labels.ijk_to_ras, volume.ijk_to_ras, atol=1e-4)
+    plane = plane_through(volume, centre, "axial")
+    np.testing.assert_array_equal(extract_slice(labels.array, plane) > 0, extract_slice(sphere, plane))
+    assert labels.array.sum() == extract_slice(sphere, plane).sum()
+
+
+def test_segment_with_a_sam_checkpoint(sphere_file, tmp_path, tiny_sam):
+    path, volume, sphere, centre = sphere_file
+    out = tmp_path / "sam.seg.nrrd"
+    env = {"MEDFM_CATALOG": os.environ["MEDFM_CATALOG"]}
+    negative = volume.ijk_to_ras_points(volume.ras_to_ijk_points(centre) + np.array([15, 0, 0]))
+    result = run(
+        "segment", path, "--model", "sam_tiny", "--checkpoint", tiny_sam, "--device", "cpu",
+        "--point", coords(centre), "--negative", coords(negative), "--window", "400,100", "--out", out, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "sam_tiny on cpu" in result.stdout
+    segmentation = slicerio.read_segmentation(str(out))
+    voxels = np.transpose(segmentation["voxels"], (2, 1, 0)) > 0
+    plane = plane_through(volume, centre, "axial")
+    # Whatever the random model draws, it draws it on the clicked slice only.
+    outside = voxels.copy()
+    outside[plane.array_index()] = False
+    assert not outside.any()
+
+
+def test_negative_coordinates_are_read_as_values(sphere_file, tmp_path):
+    path, volume, _, _ = sphere_file
+    point = volume.ijk_to_ras_points(np.array([3.0, 3.0, 3.0]))
+    assert point[0] < 0 or point[1] < 0 or point[2] < 0  # the geometry puts this corner at negative RAS
+    result = run("segment", path, "--point", coords(point), "--out", tmp_path / "corner.nrrd")
+    assert result.returncode == 0, result.stderr
+
+
+BAD_INPUTS = {
+    "missing input": (["segment", "{missing}", "--point", "0,0,0", "--out", "{out}"], "does not exist"),
+    "not an image": (["segment", "{text}", "--point", "0,0,0", "--out", "{out}"], "Cannot read"),
+    "bad suffix": (["segment", "{input}", "--point", "0,0,0", "--out", "{tmp}/out.png"], "Cannot write"),
+    "bad point": (["segment", "{input}", "--point", "1,2", "--out", "{out}"], "Cannot read coordinates"),
+    "outside": (["segment", "{input}", "--point", "9999,0,0", "--out", "{out}"], "outside the volume"),
+    "no prompt": (["segment", "{input}", "--out", "{out}"], "at least one --point"),
+    "unknown model": (
+        ["segment", "{input}", "--model", "sam_vit_x", "--point", "0,0,0", "--out", "{out}"],
+        "Unknown model",
+    ),
+    "no checkpoint": (
+        ["segment", "{input}", "--model", "sam_vit_b", "--point", "{centre}", "--out", "{out}"],
+        "checkpoint",
+    ),
+    "corrupt checkpoint": (
+        [
+            "segment",
+            "{input}",
+            "--model",
+            "sam_vit_b",
+            "--checkpoint",
+            "{text}",
+            "--point",
+            "{centre}",
+            "--out",
+            "{out}",
+        ],
+        "not a readable PyTorch checkpoint",
+    ),
+    "bad window": (["segment", "{input}", "--window", "0,40", "--point", "{centre}", "--out", "{out}"], "width"),
+    "bad preset": (["segment", "{input}", "--preset", "liver", "--point", "{centre}", "--out", "{out}"], "preset"),
+    "box across slices": (["segment", "{input}", "--box", "{box3d}", "--out", "{out}"], "different slices"),
+    "medsam without box": (
+        ["segment", "{input}", "--model", "medsam_vit_b", "--point", "{centre}", "--out", "{out}"],
+        "checkpoint",
+    ),
+    "no output folder": (
+        ["segment", "{input}", "--point", "{centre}", "--out", "{tmp}/nope/out.nrrd"],
+        "does not exist",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_one_clear_line(case, sphere_file, tmp_path):
+    path, volume, _, centre = sphere_file
+    text = tmp_path / "notes.nrrd"
+    text.write_text("hello")
+    ijk = volume.ras_to_ijk_points(centre)
+    box3d = np.concatenate([volume.ijk_to_ras_points(ijk - 3), volume.ijk_to_ras_points(ijk + 3)])
+    values = {
+        "missing": tmp_path / "missing.nrrd",
+        "text": text,
+        "input": path,
+        "out": tmp_path / "out.seg.nrrd",
+        "tmp": tmp_path,
+        "centre": coords(centre),
+        "box3d": coords(box3d),
+    }
+    args, expected = BAD_INPUTS[case]
+    result = run(*[a.format(**values) for a in args])
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("medfm: error: "), result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.seg.nrrd").exists()
+
+
+def test_models_lists_names_and_licences():
+    result = run("models")
+    assert result.returncode == 0
+    for name in ("classic", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"):
+        assert name in result.stdout
+    listed = json.loads(run("models", "--json").stdout)
+    assert {m["name"] for m in listed} >= {"classic", "medsam_vit_b"}
+    assert all("license" in m and "commercial_use" in m for m in listed)
+
+
+def test_bench_json_reports_the_required_fields():
+    result = run("bench", "--model", "classic", "--size", "96", "--first-clicks", "2", "--clicks", "6", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for key in ("first_click_ms", "next_click_ms_p50", "next_click_ms_p95", "peak_rss_mb", "device", "model"):
+        assert key in report
+    assert report["model"] == "classic" and report["device"] == "cpu"
+    assert report["cache_misses"] == 2 and report["cache_hits"] == 6
+    assert report["next_click_ms_p95"] >= report["next_click_ms_p50"] > 0
+
+
+def test_bench_with_a_sam_model(tiny_sam):
+    env = {"MEDFM_CATALOG": os.environ["MEDFM_CATALOG"]}
+    result = run(
+        "bench", "--model", "sam_tiny", "--checkpoint", tiny_sam, "--device", "cpu", "--size", "64",
+        "--first-clicks", "1", "--clicks", "3", "--json", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["model"] == "sam_tiny" and report["torch_threads"] >= 1
+
+
+def test_demo_writes_a_segmentation(tmp_path):
+    result = run("demo", "--out-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    segmentation = slicerio.read_segmentation(str(tmp_path / "demo_segmentation.seg.nrrd"))
+    assert [s["name"] for s in segmentation["segments"]] == ["organ", "lesion"]
+    assert "Dice 1.000" in result.stdout

@@ -6,8 +6,7 @@ imported where it is used; torch and segment_anything are imported lazily
 inside MedFMLib's engines.
 """
 
-import os
-
+import qt
 import slicer
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -32,11 +31,7 @@ class MedFM(ScriptedLoadableModule):
         self.parent.acknowledgementText = (
             "MedFM is Apache-2.0. Model weights carry their own licences, listed with each model."
         )
-        iconPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "MedFM.png")
-        if os.path.exists(iconPath):
-            import qt
-
-            self.parent.icon = qt.QIcon(iconPath)
+        # Slicer picks up the icon from Resources/Icons/MedFM.png by itself.
 
 
 class MedFMWidget(ScriptedLoadableModuleWidget):
@@ -44,8 +39,6 @@ class MedFMWidget(ScriptedLoadableModuleWidget):
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        import qt
-
         label = qt.QLabel(
             "MedFM's segmentation library is installed. Use the `medfm` command line or "
             "MedFMLib from the Python console; the interactive panel builds on it."

@@ -126,6 +126,15 @@ def test_one_box_per_object():
     assert not extract_slice(session.mask(obj), update.plane).any()
     with pytest.raises(PromptError, match="different slices"):
         session.set_box(obj, corner1, volume.ijk_to_ras_points(ijk + np.array([8, 8, 3])))
+    # Dragging the whole box back onto the sphere's slice.
+    moved = session.move_box(obj, corner1, corner2)
+    np.testing.assert_array_equal(moved.mask, extract_slice(masks[0], update.plane))
+    assert len(session.prompts(obj)) == 1
+    # Clearing the object is one undoable step.
+    session.clear_object(obj)
+    assert not session.mask(obj).any() and session.prompts(obj) == []
+    session.undo()
+    np.testing.assert_array_equal(extract_slice(session.mask(obj), update.plane), extract_slice(masks[0], update.plane))
 
 
 def test_objects_are_independent_and_form_a_labelmap():

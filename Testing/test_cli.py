@@ -13,6 +13,7 @@ import pytest
 import slicerio
 
 from conftest import sphere_volume
+from MedFMLib.catalog import get_model_info
 from MedFMLib.geometry import extract_slice, plane_through
 from MedFMLib.io import read_volume, write_volume
 from MedFMLib.volume import ras_to_lps_matrix
@@ -151,9 +152,9 @@ BAD_INPUTS = {
         ["segment", "{input}", "--model", "sam_vit_x", "--point", "0,0,0", "--out", "{out}"],
         "Unknown model",
     ),
-    "no checkpoint": (
-        ["segment", "{input}", "--model", "sam_vit_b", "--point", "{centre}", "--out", "{out}"],
-        "checkpoint",
+    "no download address": (
+        ["segment", "{input}", "--model", "medsam_vit_b", "--box", "{box2d}", "--out", "{out}"],
+        "models import",
     ),
     "corrupt checkpoint": (
         [
@@ -173,9 +174,9 @@ BAD_INPUTS = {
     "bad window": (["segment", "{input}", "--window", "0,40", "--point", "{centre}", "--out", "{out}"], "width"),
     "bad preset": (["segment", "{input}", "--preset", "liver", "--point", "{centre}", "--out", "{out}"], "preset"),
     "box across slices": (["segment", "{input}", "--box", "{box3d}", "--out", "{out}"], "different slices"),
-    "medsam without box": (
-        ["segment", "{input}", "--model", "medsam_vit_b", "--point", "{centre}", "--out", "{out}"],
-        "checkpoint",
+    "offline": (
+        ["segment", "{input}", "--model", "sam_vit_b", "--point", "{centre}", "--out", "{out}"],
+        "Download failed",
     ),
     "no output folder": (
         ["segment", "{input}", "--point", "{centre}", "--out", "{tmp}/nope/out.nrrd"],
@@ -201,7 +202,18 @@ def test_bad_input_gives_one_clear_line(case, sphere_file, tmp_path):
         "box3d": coords(box3d),
     }
     args, expected = BAD_INPUTS[case]
-    result = run(*[a.format(**values) for a in args])
+    values["box2d"] = coords(
+        np.concatenate([volume.ijk_to_ras_points(ijk - [3, 3, 0]), volume.ijk_to_ras_points(ijk + [3, 3, 0])])
+    )
+    # An empty model folder, and a download address nobody answers at.
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text(
+        json.dumps(
+            {"models": [dict(vars(get_model_info("sam_vit_b")), url="http://127.0.0.1:9/sam.pth")]}, default=list
+        )
+    )
+    env = {"MEDFM_HOME": str(tmp_path / "home"), "MEDFM_CATALOG": str(catalog)}
+    result = run(*[a.format(**values) for a in args], env=env)
     assert result.returncode == 1, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("medfm: error: "), result.stderr

@@ -14,6 +14,7 @@ from MedFMLib.engines import Prompts2D, create_engine, resolve_device
 from MedFMLib.engines.classic import ClassicEngine
 from MedFMLib.engines.sam import read_state_dict
 from MedFMLib.errors import DeviceError, ModelError, PromptError
+from MedFMLib.store import ModelStore
 
 
 def _disc_image(rows=96, cols=120, centre=(40, 70), radius=18) -> np.ndarray:
@@ -145,8 +146,8 @@ def test_random_weights_full_size_architecture_builds():
 def test_missing_checkpoint_is_a_clear_error(tmp_path, tiny_sam):
     with pytest.raises(ModelError, match="does not exist"):
         create_engine("sam_tiny", checkpoint=tmp_path / "nope.pth")
-    with pytest.raises(ModelError, match="needs its checkpoint"):
-        create_engine("sam_vit_b")
+    with pytest.raises(ModelError, match="no download address"):
+        create_engine("medsam_vit_b", store=ModelStore(tmp_path / "home"))
 
 
 def test_corrupt_and_truncated_checkpoints(tmp_path, tiny_sam):
@@ -222,7 +223,7 @@ def test_catalog_entries_are_complete():
     assert {"classic", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"} <= catalog.keys()
     for info in catalog.values():
         assert info.license and info.homepage.startswith("https://")
-        assert set(info.prompts) <= {"point", "box"} and info.prompts
+        assert set(info.prompts) <= {"point", "box", "mask"} and info.prompts
         assert isinstance(info.commercial_use, bool)
     assert get_model_info("medsam_vit_b").prompts == ("box",)
     with pytest.raises(ModelError, match="Unknown model 'sam_vit_x'"):

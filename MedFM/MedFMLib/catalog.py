@@ -31,6 +31,14 @@ class ModelInfo:
     preprocessing: str = "sam"
     #: hyper-parameters of a SAM architecture that is not built in (a custom or small model)
     sam_architecture: dict | None = None
+    #: where the authors publish the checkpoint; None if no direct download exists
+    url: str | None = None
+    filename: str | None = None
+    #: the SHA-256 the authors publish; None where they publish none (never invented)
+    sha256: str | None = None
+    sha256_note: str | None = None
+    size: int | None = None
+    download_note: str | None = None
 
     @property
     def needs_weights(self) -> bool:

@@ -68,9 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--name", default="Segment_1", help="segment name in the output")
     segment.add_argument("--out", required=True, help="output: .seg.nrrd, .nrrd or .nii.gz")
 
-    models = commands.add_parser("models", help="list the models MedFM knows")
-    models.add_argument("action", nargs="?", default="list", choices=["list"])
-    models.add_argument("--json", action="store_true", help="print JSON")
+    models = commands.add_parser("models", help="list, download, import, verify and remove models")
+    models.add_argument("action", nargs="?", default="list", choices=["list", "download", "import", "verify", "remove"])
+    models.add_argument("target", nargs="?", help="model name (download, verify, remove) or file (import)")
+    models.add_argument("--name", help="import: the name to store the checkpoint under")
+    models.add_argument("--arch", help="import: architecture of a custom checkpoint, e.g. sam_vit_b")
+    models.add_argument("--all", action="store_true", help="remove: every downloaded model")
+    models.add_argument("--json", action="store_true", help="list: print JSON")
 
     bench = commands.add_parser("bench", help="measure click latency and memory")
     bench.add_argument("--model", default="classic")
@@ -110,7 +114,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         from .intensity import preset_window
 
         window = preset_window(args.preset)
-    engine = create_engine(args.model, checkpoint=args.checkpoint, device=args.device)
+    engine = create_engine(args.model, checkpoint=args.checkpoint, device=args.device, progress=ProgressBar())
     session = Session(volume, engine, window=window)
     object_id = session.add_object(args.name)
     if box is not None:
@@ -130,19 +134,85 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    from .catalog import load_catalog
+class ProgressBar:
+    """A download progress bar on stderr (bytes, total, rate)."""
 
-    catalog = load_catalog()
-    if args.json:
-        print(json.dumps([vars(info) for info in catalog.values()], indent=2, default=list))
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.shown = False
+
+    def __call__(self, progress) -> None:
+        mib = progress.bytes_done / 2**20
+        rate = progress.bytes_per_second / 2**20
+        if progress.bytes_total:
+            fraction = progress.bytes_done / progress.bytes_total
+            bar = "#" * int(fraction * 30)
+            text = f"\rdownloading [{bar:<30}] {fraction:6.1%} {mib:8.1f} MiB {rate:6.1f} MiB/s"
+        else:
+            text = f"\rdownloading {mib:8.1f} MiB {rate:6.1f} MiB/s"
+        self.stream.write(text)
+        self.stream.flush()
+        self.shown = True
+        if progress.bytes_total and progress.bytes_done >= progress.bytes_total:
+            self.stream.write("\n")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .store import ModelStore
+
+    store = ModelStore()
+    if args.action == "list":
+        models = store.models()
+        if args.json:
+            listed = [dict(vars(info), downloaded=store.is_downloaded(name)) for name, info in models.items()]
+            print(json.dumps(listed, indent=2, default=list))
+            return 0
+        print(f"{'NAME':<24} {'STATUS':<14} {'SIZE':>9}  {'COMMERCIAL':<10} LICENCE")
+        for name, info in models.items():
+            if not info.needs_weights:
+                status, size = "built in", "-"
+            elif store.is_downloaded(name):
+                status, size = "downloaded", f"{store.path(name).stat().st_size / 2**20:.0f} MiB"
+            else:
+                status, size = "not yet", f"{info.size / 2**20:.0f} MiB" if info.size else "?"
+            print(f"{name:<24} {status:<14} {size:>9}  {'yes' if info.commercial_use else 'NO':<10} {info.license}")
+        print(f"models folder: {store.models_dir}")
         return 0
-    print(f"{'NAME':<16} {'TASK':<8} {'PROMPTS':<10} {'COMMERCIAL':<10} LICENCE")
-    for info in catalog.values():
-        print(
-            f"{info.name:<16} {info.task:<8} {'+'.join(info.prompts):<10} "
-            f"{'yes' if info.commercial_use else 'NO':<10} {info.license}"
+    if args.action == "download":
+        if not args.target:
+            raise MedFMError("Name the model to download, e.g. `medfm models download sam_vit_b`.")
+        path = store.download(args.target, progress=ProgressBar())
+        print(f"{args.target}: {path}")
+        return 0
+    if args.action == "import":
+        if not args.target or not args.name:
+            raise MedFMError("Give the file and a name: `medfm models import FILE --name NAME [--arch ARCH]`.")
+        path = store.import_file(args.target, args.name, arch=args.arch)
+        print(f"imported {args.name}: {path}")
+        return 0
+    if args.action == "verify":
+        names = (
+            [args.target]
+            if args.target
+            else [n for n, i in store.models().items() if store.is_downloaded(n) and i.needs_weights]
         )
+        failed = 0
+        for name in names:
+            ok, message = store.verify(name)
+            failed += not ok
+            print(f"{name}: {'OK' if ok else 'FAILED'}: {message}")
+        if failed:
+            raise MedFMError(f"{failed} model file(s) failed verification; download them again.")
+        return 0
+    # remove
+    if args.all:
+        names = [n for n, i in store.models().items() if i.needs_weights and store.is_downloaded(n)]
+    elif args.target:
+        names = [args.target]
+    else:
+        raise MedFMError("Name the model to remove, or give --all.")
+    for name in names:
+        print(f"{name}: {'removed' if store.remove(name) else 'nothing to remove'}")
     return 0
 
 

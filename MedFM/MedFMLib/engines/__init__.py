@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..catalog import get_model_info
 from ..errors import ModelError
 from .base import Embedding, Engine, Prediction, Prompts2D
 from .device import resolve_device
@@ -25,13 +24,20 @@ def create_engine(
     device: str = "auto",
     random_weights: bool = False,
     seed: int = 0,
+    store=None,
+    progress=None,
 ) -> Engine:
     """Create the engine for a catalog model.
 
     ``random_weights`` builds the full-size network with random weights: it
     costs the same time and memory as the trained one, for benchmarks and tests.
+    Without a ``checkpoint`` the model store provides the file, downloading it
+    on first use (``progress`` receives download progress).
     """
-    info = get_model_info(model)
+    from ..store import ModelStore
+
+    store = store if store is not None else ModelStore()
+    info = store.info(model)
     if info.engine == "classic":
         from .classic import ClassicEngine
 
@@ -67,12 +73,7 @@ def create_engine(
         torch.manual_seed(seed)
         network, weights_id = build_sam_model(get_architecture(info.arch)), f"random{seed}"
     else:
-        if checkpoint is None:
-            raise ModelError(
-                f"Model '{model}' needs its checkpoint file: pass --checkpoint PATH "
-                "(or --random-weights for a timing run)."
-            )
-        checkpoint = Path(checkpoint)
+        checkpoint = Path(checkpoint) if checkpoint is not None else store.checkpoint(model, progress=progress)
         network, weights_id = load_sam_model(info.arch, checkpoint, model_name=model), _weights_id(checkpoint)
     return SamEngine(
         network,

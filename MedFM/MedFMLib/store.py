@@ -113,13 +113,17 @@ class ModelStore:
                 f"Model '{name}' has no download address.{hint} Then run `medfm models import FILE --name {name}`."
             )
         path = download(info.url, self.path(name), sha256=info.sha256, expected_size=info.size, progress=progress)
-        self._record_hash(name, path)
+        # download() has already checked a published hash; hash again only when there was none.
+        self._record(name, info.sha256.lower() if info.sha256 else sha256_of(path))
         return path
 
-    def _record_hash(self, name: str, path: Path) -> None:
+    def _record(self, name: str, digest: str, custom: dict | None = None) -> None:
+        """Remember a file's SHA-256 (and a custom model's entry) in the registry."""
         with file_lock(self.home / "registry.lock"):
             registry = self._read_registry()
-            registry["hashes"][name] = sha256_of(path)
+            if custom is not None:
+                registry["custom"][name] = custom
+            registry["hashes"][name] = digest
             self._write_registry(registry)
 
     def import_file(self, source: str | Path, name: str, arch: str | None = None) -> Path:
@@ -146,12 +150,7 @@ class ModelStore:
                 f"{source.name} is not the published {name} file (SHA-256 {actual[:12]}…, expected "
                 f"{info.sha256[:12]}…); get the official file, or import it under another name with --arch."
             )
-        with file_lock(self.home / "registry.lock"):
-            registry = self._read_registry()
-            if arch is not None:
-                registry["custom"][name] = {"base": arch, "filename": f"{name}.pth"}
-            registry["hashes"][name] = actual
-            self._write_registry(registry)
+        self._record(name, actual, custom={"base": arch, "filename": f"{name}.pth"} if arch is not None else None)
         destination = self.path(name)
         destination.parent.mkdir(parents=True, exist_ok=True)
         temporary = destination.with_name(destination.name + ".part")

@@ -185,3 +185,73 @@ def test_catalog_entries_have_valid_download_fields():
         assert info.sha256 is None or len(info.sha256) == 64, name
         assert info.sha256 or info.sha256_note, name  # never an invented checksum, but say so
         assert info.license and info.citation, name
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device whose writes fail with ENOSPC")
+def test_disk_full_says_so_and_keeps_nothing(server, tmp_path):
+    # The partial file is a link to /dev/full, so the OS itself answers the first write with ENOSPC.
+    (tmp_path / "m.pth.part").symlink_to("/dev/full")
+    with pytest.raises(DownloadError, match="disk .* is full.*MEDFM_HOME"):
+        download(url(server), tmp_path / "m.pth", sha256=DIGEST)
+    assert not (tmp_path / "m.pth").exists()
+
+
+def test_offline_is_named_as_such(tmp_path):
+    # .invalid never resolves (RFC 6761): exactly what a computer without a network sees.
+    with pytest.raises(DownloadError, match="cannot resolve models.invalid.*offline.*import the file"):
+        download("http://models.invalid/model.pth", tmp_path / "m.pth", timeout=5)
+    assert not (tmp_path / "m.pth").exists()
+
+
+def _medfm(*args: str, env: dict) -> subprocess.CompletedProcess:
+    medfm = str(Path(sys.executable).with_name("medfm"))
+    return subprocess.run([medfm, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+
+
+def test_models_list_shows_status_size_and_licence(server, tmp_path):
+    env = {"MEDFM_HOME": str(tmp_path / "home"), "MEDFM_CATALOG": str(_catalog(tmp_path, server))}
+    before = _medfm("models", "list", env=env)
+    row = next(line for line in before.stdout.splitlines() if line.startswith("test_model"))
+    assert row.split()[1:3] == ["not", "yet"] and "Apache-2.0" in row
+    downloaded = _medfm("models", "download", "test_model", env=env)
+    assert downloaded.returncode == 0, downloaded.stderr
+    after = _medfm("models", "list", env=env)
+    row = next(line for line in after.stdout.splitlines() if line.startswith("test_model"))
+    assert row.split()[1:4] == ["downloaded", "3.0", "MiB"], row
+    assert "non-commercial" not in row and row.split()[4] == "yes"
+    listed = {m["name"]: m for m in json.loads(_medfm("models", "list", "--json", env=env).stdout)}
+    assert listed["test_model"]["downloaded"] is True and listed["sam_vit_b"]["downloaded"] is False
+    removed = _medfm("models", "remove", "test_model", env=env)
+    assert removed.returncode == 0 and not (tmp_path / "home" / "models" / "test_model.pth").exists()
+
+
+class CatalogHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        body = self.server.document
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_organisation_catalog_from_a_url_and_its_offline_copy(server, tmp_path):
+    """MEDFM_CATALOG may name an internal mirror's URL; its last good copy keeps MedFM working offline."""
+    mirror = ThreadingHTTPServer(("127.0.0.1", 0), CatalogHandler)
+    mirror.document = _catalog(tmp_path, server).read_bytes()
+    threading.Thread(target=mirror.serve_forever, daemon=True).start()
+    catalog_url = f"http://127.0.0.1:{mirror.server_address[1]}/catalog.json"
+    env = {"MEDFM_HOME": str(tmp_path / "home"), "MEDFM_CATALOG": catalog_url}
+    online = _medfm("models", "download", "test_model", env=env)
+    assert online.returncode == 0, online.stderr
+    assert (tmp_path / "home" / "models" / "test_model.pth").read_bytes() == PAYLOAD
+    mirror.shutdown()
+    mirror.server_close()
+    offline = _medfm("models", "list", env=env)
+    assert offline.returncode == 0 and "test_model" in offline.stdout
+    never_fetched = _medfm("models", "list", env={**env, "MEDFM_HOME": str(tmp_path / "elsewhere")})
+    assert never_fetched.returncode == 1
+    assert never_fetched.stderr.count("\n") == 1 and "Cannot fetch the model catalog" in never_fetched.stderr

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,7 @@ class ModelInfo:
     sha256_note: str | None = None
     size: int | None = None
     download_note: str | None = None
+    license_note: str | None = None
 
     @property
     def needs_weights(self) -> bool:
@@ -67,13 +70,69 @@ def read_catalog_file(source: Path) -> dict[str, ModelInfo]:
         raise ModelError(f"Cannot read the model catalog '{source}': {exc}; fix or unset the file.") from None
 
 
+CATALOG_FETCH_TIMEOUT_SECONDS = 10.0
+
+
+def _mirror_copy_path(url: str) -> Path:
+    """Where the last good copy of a remote catalog is kept, so MedFM still starts offline."""
+    from hashlib import sha256
+
+    from .store import default_home  # the store imports this module; import late
+
+    return default_home() / "catalogs" / f"{sha256(url.encode()).hexdigest()[:16]}.json"
+
+
+def fetch_catalog(url: str) -> Path:
+    """Fetch an organisation's catalog from ``url`` (its internal mirror) and return a local copy.
+
+    When the server cannot be reached, the copy from the last successful fetch
+    is used; without one, the error says what to do.
+    """
+    copy = _mirror_copy_path(url)
+    try:
+        with urllib.request.urlopen(url, timeout=CATALOG_FETCH_TIMEOUT_SECONDS) as response:
+            text = response.read().decode("utf-8")
+        json.loads(text)["models"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if copy.is_file():
+            return copy
+        reason = f"HTTP {exc.code}" if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", exc)
+        raise ModelError(
+            f"Cannot fetch the model catalog {url} ({reason}); check the address and network, "
+            "or unset MEDFM_CATALOG."
+        ) from None
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    temporary = copy.with_suffix(".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, copy)
+    return copy
+
+
+def catalog_source() -> str | None:
+    """The organisation catalog configured through $MEDFM_CATALOG (a path or an http(s) URL)."""
+    return os.environ.get("MEDFM_CATALOG") or None
+
+
 def load_catalog() -> dict[str, ModelInfo]:
-    """Models by name: the packaged catalog, extended or overridden by the file in $MEDFM_CATALOG."""
+    """Models by name: the packaged catalog, extended or overridden by the one in $MEDFM_CATALOG."""
     catalog = dict(read_catalog_file(CATALOG_PATH))
-    extra = os.environ.get("MEDFM_CATALOG")
+    extra = catalog_source()
     if extra:
-        catalog.update(read_catalog_file(Path(extra)))
+        if extra.startswith(("http://", "https://")):
+            catalog.update(read_catalog_file(_fetched_copy(extra)))
+        else:
+            catalog.update(read_catalog_file(Path(extra).expanduser()))
     return catalog
+
+
+_fetched: dict[str, Path] = {}
+
+
+def _fetched_copy(url: str) -> Path:
+    # Fetch once per process: the catalog is consulted on every model lookup.
+    if url not in _fetched:
+        _fetched[url] = fetch_catalog(url)
+    return _fetched[url]
 
 
 def get_model_info(name: str) -> ModelInfo:

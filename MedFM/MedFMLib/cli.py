@@ -157,6 +157,14 @@ class ProgressBar:
             self.stream.write("\n")
 
 
+def human_size(size_bytes: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if size_bytes < 1024:
+            return f"{size_bytes:.0f} {unit}" if unit == "B" else f"{size_bytes:.1f} {unit}"
+        size_bytes /= 1024
+    return f"{size_bytes:.2f} GiB"
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .store import ModelStore
 
@@ -172,10 +180,13 @@ def cmd_models(args: argparse.Namespace) -> int:
             if not info.needs_weights:
                 status, size = "built in", "-"
             elif store.is_downloaded(name):
-                status, size = "downloaded", f"{store.path(name).stat().st_size / 2**20:.0f} MiB"
+                status, size = "downloaded", human_size(store.path(name).stat().st_size)
             else:
-                status, size = "not yet", f"{info.size / 2**20:.0f} MiB" if info.size else "?"
-            print(f"{name:<24} {status:<14} {size:>9}  {'yes' if info.commercial_use else 'NO':<10} {info.license}")
+                status, size = "not yet", human_size(info.size) if info.size else "?"
+            licence = info.license + (" *" if info.license_note else "")
+            print(f"{name:<24} {status:<14} {size:>9}  {'yes' if info.commercial_use else 'NO':<10} {licence}")
+        if any(info.license_note for info in models.values()):
+            print("* licence to confirm before commercial use: see `medfm models list --json`")
         print(f"models folder: {store.models_dir}")
         return 0
     if args.action == "download":

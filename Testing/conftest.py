@@ -104,3 +104,39 @@ def tiny_sam(tiny_sam_catalog, monkeypatch) -> Path:
     """Activates the tiny-model catalog; returns the checkpoint path."""
     monkeypatch.setenv("MEDFM_CATALOG", str(tiny_sam_catalog))
     return tiny_sam_catalog.parent / "sam_tiny.pth"
+
+
+@pytest.fixture
+def mrml_scene():
+    """A real MRML scene with Slicer's application logic and the module logics MedFM relies on (slicer-core)."""
+    from slicer import (
+        vtkMRMLColorLogic,
+        vtkMRMLScene,
+        vtkSlicerApplicationLogic,
+        vtkSlicerMarkupsLogic,
+        vtkSlicerSegmentationsModuleLogic,
+        vtkSlicerVolumesLogic,
+    )
+    from vtkmodules.vtkCommonCore import vtkCollection
+
+    scene = vtkMRMLScene()
+    app_logic = vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    app_logic.GetColorLogic().SetMRMLScene(scene)
+    app_logic.GetColorLogic().AddDefaultColorNodes()
+    app_logic.SetSliceLogics(vtkCollection())
+    app_logic.SetViewLogics(vtkCollection())
+    module_logics = {
+        "Colors": vtkMRMLColorLogic(),
+        "Volumes": vtkSlicerVolumesLogic(),
+        "Segmentations": vtkSlicerSegmentationsModuleLogic(),
+        "Markups": vtkSlicerMarkupsLogic(),
+    }
+    for name, logic in module_logics.items():
+        logic.SetMRMLApplicationLogic(app_logic)
+        logic.SetMRMLScene(scene)
+        app_logic.SetModuleLogic(name, logic)
+    scene.app_logic = app_logic  # keep the logics alive as long as the scene
+    scene.module_logics = module_logics
+    yield scene
+    scene.Clear(True)

@@ -98,8 +98,7 @@ def fetch_catalog(url: str) -> Path:
             return copy
         reason = f"HTTP {exc.code}" if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", exc)
         raise ModelError(
-            f"Cannot fetch the model catalog {url} ({reason}); check the address and network, "
-            "or unset MEDFM_CATALOG."
+            f"Cannot fetch the model catalog {url} ({reason}); check the address and network, or unset MEDFM_CATALOG."
         ) from None
     copy.parent.mkdir(parents=True, exist_ok=True)
     temporary = copy.with_suffix(".tmp")

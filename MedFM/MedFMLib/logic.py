@@ -1,0 +1,143 @@
+"""MedFM's logic for Slicer, without the GUI: segment a volume node into a segment from markups.
+
+``SegmentationLogic`` is the base of the module's ``MedFMLogic``. It needs only
+MRML (``slicer``), vtk and numpy, so it runs from Slicer's Python console, in
+scripts, and headless in tests on ``slicer-core``::
+
+    logic = slicer.util.getModuleLogic("MedFM")
+    segmentId = logic.segment(
+        volumeNode, segmentationNode, segmentName="tumour",
+        positivePointsNode=getNode("F"), roiNode=getNode("R"),
+        view="axial", modelName="sam_vit_b",
+    )
+
+Names are camelCase, as everywhere in Slicer-facing classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .cache import EmbeddingCache
+from .errors import ModelError, PromptError
+from .geometry import ViewLike
+from .intensity import Window, preset_window
+from .mrml import ensure_segment, volume_from_node, window_from_node, write_segment
+
+
+def isOutOfMemory(error: BaseException) -> bool:
+    """Whether an error is the accelerator running out of memory (offer the CPU then)."""
+    try:
+        import torch
+
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:
+        pass
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and "out of memory" in text
+
+
+class SegmentationLogic:
+    """Engines, the shared embedding cache, and volume-node-to-segment segmentation."""
+
+    def __init__(self, store=None, cacheBudgetBytes: int | None = None) -> None:
+        from .store import ModelStore
+
+        self.store = store if store is not None else ModelStore()
+        self.cache = EmbeddingCache(cacheBudgetBytes) if cacheBudgetBytes else EmbeddingCache()
+        self._engines: dict[tuple[str, str], object] = {}
+
+    # ------------------------------------------------------------------ models
+    def modelNames(self) -> list[str]:
+        return list(self.store.models())
+
+    def isModelReady(self, modelName: str) -> bool:
+        return self.store.is_downloaded(modelName)
+
+    def downloadModel(self, modelName: str, progress: Callable | None = None):
+        return self.store.download(modelName, progress=progress)
+
+    def removeModel(self, modelName: str) -> bool:
+        self._engines = {k: v for k, v in self._engines.items() if k[0] != modelName}
+        return self.store.remove(modelName)
+
+    def engine(self, modelName: str, device: str = "auto"):
+        """The engine for a model, loaded once and kept. A model not yet downloaded is an error, not a download:
+        the GUI asks first, and scripts call ``downloadModel``."""
+        from .engines import create_engine
+
+        key = (modelName, device)
+        if key not in self._engines:
+            checkpoint = self.store.checkpoint(modelName, fetch=False)
+            self._engines[key] = create_engine(modelName, checkpoint=checkpoint, device=device, store=self.store)
+        return self._engines[key]
+
+    # ---------------------------------------------------------------- segment
+    def intensityWindow(self, volumeNode, intensity: str | Window | None = "viewer"):
+        """The window the model sees: the viewer's window/level, a preset name, 'auto', or a Window."""
+        if isinstance(intensity, Window):
+            return intensity
+        if intensity in (None, "viewer"):
+            return window_from_node(volumeNode)  # None: robust percentiles
+        if intensity == "auto":
+            return None
+        return preset_window(intensity)
+
+    def segment(
+        self,
+        volumeNode,
+        segmentationNode,
+        segmentName: str | None = None,
+        positivePointsNode=None,
+        negativePointsNode=None,
+        roiNode=None,
+        view: ViewLike = "axial",
+        modelName: str = "classic",
+        device: str = "auto",
+        intensity: str | Window | None = "viewer",
+        editorNode=None,
+    ) -> str:
+        """Segment the slice the prompts are on, in the given view, into a segment; returns its ID.
+
+        Positive and negative points come from markups point lists, the box
+        from a markups ROI. Only the prompted slices of the segment change; the
+        Segment Editor node's masking and overwrite settings apply when given.
+        On any error the segmentation is left as it was.
+        """
+        from .interactive import PromptSync
+        from .session import Session
+
+        volume = volume_from_node(volumeNode)
+        if segmentationNode is None:
+            raise PromptError("No segmentation selected: choose or create one to write into.")
+        if not any(n is not None and n.GetNumberOfDefinedControlPoints() for n in (positivePointsNode, roiNode)):
+            raise PromptError("Place at least one positive point or a box to segment.")
+        engine = self.engine(modelName, device)
+        session = Session(volume, engine, self.intensityWindow(volumeNode, intensity), self.cache)
+        objectId = session.add_object(segmentName)
+        sync = PromptSync(session, objectId, default_view=view)
+        if roiNode is not None and roiNode.GetNumberOfDefinedControlPoints():
+            sync.sync_box(roiNode, view)
+        _, rejected = sync.sync(positivePointsNode, negativePointsNode)
+        if rejected:
+            raise PromptError(rejected[0].message)
+        segmentId = ensure_segment(segmentationNode, segmentName)
+        write_segment(
+            session.mask(objectId),
+            volume,
+            segmentationNode,
+            segmentId,
+            region=sync.touched_region(),
+            editor_node=editorNode,
+            source_volume_node=volumeNode,
+        )
+        return segmentId
+
+    def checkModelForPrompts(self, modelName: str, hasPoints: bool, hasBox: bool) -> None:
+        """Refuse prompts a model does not take (MedSAM takes a box only)."""
+        prompts = self.store.info(modelName).prompts
+        if hasPoints and "point" not in prompts:
+            raise ModelError(f"{modelName} takes only a box; draw a box instead of points.")
+        if hasBox and "box" not in prompts:
+            raise ModelError(f"{modelName} does not take a box; click points instead.")

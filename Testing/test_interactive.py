@@ -1,0 +1,135 @@
+"""The effect's machinery without Qt: markups kept in step with prompts, and encoding in the background."""
+
+from __future__ import annotations
+
+import numpy as np
+import vtk
+
+from conftest import sphere_volume
+from MedFMLib.background import BackgroundEncoder
+from MedFMLib.engines.classic import ClassicEngine
+from MedFMLib.errors import VolumeError
+from MedFMLib.geometry import SlicePlane, plane_through
+from MedFMLib.interactive import PromptSync
+from MedFMLib.mrml import add_volume_node, volume_from_node
+from MedFMLib.session import Session
+
+
+def _setup(mrml_scene, geometry="oblique_anisotropic"):
+    volume, truth, centre = sphere_volume(geometry)
+    volume = volume_from_node(add_volume_node(mrml_scene, volume))
+    session = Session(volume, ClassicEngine())
+    object_id = session.add_object()
+    positive = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "positive")
+    negative = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "negative")
+    return volume, truth, np.asarray(centre), session, object_id, positive, negative
+
+
+def _shifted(volume, ras, ijk_step):
+    return volume.ijk_to_ras_points(volume.ras_to_ijk_points(np.array([ras])) + [ijk_step])[0]
+
+
+def test_markups_changes_become_prompt_changes(mrml_scene):
+    volume, truth, centre, session, obj, positive, negative = _setup(mrml_scene)
+    sync = PromptSync(session, obj, default_view="axial")
+    positive.AddControlPoint(vtk.vtkVector3d(*centre))
+    updates, rejected = sync.sync(positive, negative)
+    plane = plane_through(volume, centre, "axial")
+    assert not rejected and [u.plane for u in updates] == [plane]
+    np.testing.assert_array_equal(session.mask(obj)[plane.array_index()], truth[plane.array_index()])
+    assert sync.sync(positive, negative) == ([], [])  # nothing changed, nothing decoded
+
+    # Dragging the point two slices up moves the prompt there: the old slice empties.
+    above = _shifted(volume, centre, [0, 0, 2])
+    positive.SetNthControlPointPositionWorld(0, *above)
+    updates, _ = sync.sync(positive, negative)
+    upper = plane_through(volume, above, "axial")
+    assert {u.plane for u in updates} == {plane, upper}
+    assert not session.mask(obj)[plane.array_index()].any()
+    np.testing.assert_array_equal(session.mask(obj)[upper.array_index()], truth[upper.array_index()])
+
+    # Deleting it removes the prompt; undo in the session brings the mask back.
+    positive.RemoveNthControlPoint(0)
+    sync.sync(positive, negative)
+    assert not session.mask(obj).any() and session.prompts(obj) == []
+
+
+def test_points_keep_the_view_they_were_placed_in(mrml_scene):
+    volume, truth, centre, session, obj, positive, negative = _setup(mrml_scene)
+    sync = PromptSync(session, obj, default_view="axial")
+    index = positive.AddControlPoint(vtk.vtkVector3d(*centre))
+    sync.set_view(positive, positive.GetNthControlPointID(index), "sagittal")
+    sync.sync(positive, negative)
+    plane = plane_through(volume, centre, "sagittal")
+    assert {p for p in session.objects[obj].slices} == {plane}
+    region = sync.touched_region()
+    assert region[plane.array_index()].all() and region.sum() == region[plane.array_index()].size
+
+
+def test_a_point_outside_is_rejected_and_the_rest_still_works(mrml_scene):
+    volume, truth, centre, session, obj, positive, negative = _setup(mrml_scene)
+    sync = PromptSync(session, obj)
+    positive.AddControlPoint(vtk.vtkVector3d(*(centre + 900.0)))
+    positive.AddControlPoint(vtk.vtkVector3d(*centre))
+    updates, rejected = sync.sync(positive, negative)
+    assert len(rejected) == 1 and "outside the volume" in rejected[0].message
+    assert rejected[0].point_id == positive.GetNthControlPointID(0)
+    assert len(updates) == 1 and session.mask(obj).any()
+
+
+def test_roi_edits_replace_the_box(mrml_scene):
+    volume, truth, centre, session, obj, positive, negative = _setup(mrml_scene, "lps_anisotropic")
+    sync = PromptSync(session, obj, default_view="axial")
+    roi = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    roi.SetXYZ(*centre)
+    roi.SetRadiusXYZ(14.0, 14.0, 0.5)
+    plane = plane_through(volume, centre, "axial")
+    assert sync.sync_box(roi).plane == plane
+    np.testing.assert_array_equal(session.mask(obj)[plane.array_index()], truth[plane.array_index()])
+    assert sync.sync_box(roi) is None  # unchanged
+    roi.SetRadiusXYZ(3.0, 3.0, 0.5)  # too small to hold the sphere's section: the mask shrinks with it
+    smaller = sync.sync_box(roi)
+    assert 0 < smaller.mask.sum() < truth[plane.array_index()].sum()
+    roi.RemoveAllControlPoints()
+    assert sync.sync_box(roi) is not None and not session.mask(obj).any()
+
+
+def test_background_encoder_fills_the_cache_nearest_slice_first(mrml_scene):
+    volume, _, centre, session, _, _, _ = _setup(mrml_scene)
+    encoder = BackgroundEncoder(session)
+    try:
+        plane = plane_through(volume, centre, "axial")
+        wanted = encoder.neighbours(plane, reach=2)
+        assert wanted[0] == plane and {p.index for p in wanted} == {plane.index + d for d in (-2, -1, 0, 1, 2)}
+        encoder.request(wanted)
+        for p in wanted:
+            assert encoder.wait(p, timeout=30) and encoder.is_ready(p)
+        assert encoder.encoded == 5 and not encoder.is_busy()
+        misses = session.cache.stats.misses
+        encoder.request(wanted)  # already there: nothing to do
+        assert encoder.wait(plane, timeout=5) and encoder.encoded == 5
+        assert session.cache.stats.misses == misses
+        # The edge of the volume: no planes outside it.
+        assert [p.index for p in encoder.neighbours(SlicePlane(plane.axis, 0), reach=2)] == [0, 1, 2]
+    finally:
+        encoder.stop()
+
+
+class _FailingEngine(ClassicEngine):
+    def encode(self, image):
+        raise VolumeError("this slice cannot be encoded")
+
+
+def test_background_failures_reach_the_gui_thread(mrml_scene):
+    volume, _, centre, _, _, _, _ = _setup(mrml_scene)
+    session = Session(volume, _FailingEngine())
+    encoder = BackgroundEncoder(session)
+    try:
+        plane = plane_through(volume, centre, "axial")
+        encoder.request([plane])
+        assert encoder.wait(plane, timeout=10)
+        assert isinstance(encoder.failure(plane), VolumeError) and not encoder.is_ready(plane)
+        encoder.cancel()
+        assert not encoder.is_busy()
+    finally:
+        encoder.stop()

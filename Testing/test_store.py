@@ -255,3 +255,18 @@ def test_organisation_catalog_from_a_url_and_its_offline_copy(server, tmp_path):
     never_fetched = _medfm("models", "list", env={**env, "MEDFM_HOME": str(tmp_path / "elsewhere")})
     assert never_fetched.returncode == 1
     assert never_fetched.stderr.count("\n") == 1 and "Cannot fetch the model catalog" in never_fetched.stderr
+
+
+def test_configure_points_the_store_and_catalog_elsewhere(server, tmp_path, monkeypatch):
+    """What the Slicer settings do: a models folder under Slicer's settings and an organisation catalog."""
+    from MedFMLib.store import configure
+
+    for variable in ("MEDFM_HOME", "MEDFM_CATALOG"):  # recorded, so the test's changes are undone after it
+        monkeypatch.setenv(variable, "")
+        monkeypatch.delenv(variable)
+    configure(home=tmp_path / "SlicerSettings" / "MedFM", catalog=str(_catalog(tmp_path, server)))
+    store = ModelStore()
+    assert store.home == tmp_path / "SlicerSettings" / "MedFM"
+    assert "test_model" in store.models()
+    configure(home="", catalog="")  # empty settings change nothing
+    assert ModelStore().home == store.home

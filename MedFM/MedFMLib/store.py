@@ -192,3 +192,17 @@ class ModelStore:
                 removed = True
             self._write_registry(registry)
         return removed
+
+
+def configure(home: str | Path | None = None, catalog: str | None = None) -> None:
+    """Point this process at a models folder and an organisation catalog (the Slicer settings do this).
+
+    Empty values leave what the environment says ($MEDFM_HOME, $MEDFM_CATALOG) in force.
+    """
+    from . import catalog as catalog_module
+
+    if home:
+        os.environ["MEDFM_HOME"] = str(Path(home).expanduser())
+    if catalog:
+        os.environ["MEDFM_CATALOG"] = str(catalog)
+        catalog_module._fetched.pop(str(catalog), None)  # fetch an edited mirror catalog afresh

@@ -1,0 +1,56 @@
+"""What each engine needs installed, and how Slicer should install it.
+
+Nothing here installs anything: the Slicer module asks the user first, then
+installs torch through the PyTorch extension (which picks the build that fits
+the GPU driver) and the rest through Slicer's pip. Never at import time, and
+never a plain ``pip install torch``, which would fetch a CPU-only or mismatched build.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Requirement:
+    module: str  # what is imported
+    pip_name: str  # what pip installs
+    version: str = ""  # a pip version specifier, e.g. ">=2.1"
+    via_pytorch_extension: bool = False  # torch and torchvision come from PyTorchUtils
+
+    @property
+    def specifier(self) -> str:
+        return f"{self.pip_name}{self.version}"
+
+
+TORCH = Requirement("torch", "torch", ">=2.1", via_pytorch_extension=True)
+TORCHVISION = Requirement("torchvision", "torchvision", ">=0.16", via_pytorch_extension=True)
+
+ENGINE_REQUIREMENTS: dict[str, tuple[Requirement, ...]] = {
+    "classic": (Requirement("SimpleITK", "SimpleITK", ">=2.2"),),
+    # segment-anything declares no dependencies beyond torch/torchvision; --no-deps keeps pip away from torch.
+    "sam": (TORCH, TORCHVISION, Requirement("segment_anything", "segment-anything", ">=1.0")),
+    "sam2": (TORCH, TORCHVISION, Requirement("sam2", "sam2", ">=1.0")),
+}
+
+
+def is_installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def missing_requirements(engine: str) -> list[Requirement]:
+    """The requirements of an engine that are not importable now."""
+    return [r for r in ENGINE_REQUIREMENTS.get(engine, ()) if not is_installed(r.module)]
+
+
+def install_plan(missing: list[Requirement]) -> tuple[bool, list[str]]:
+    """(whether torch must come through the PyTorch extension, the pip specifiers for the rest)."""
+    needs_torch = any(r.via_pytorch_extension for r in missing)
+    return needs_torch, [r.specifier for r in missing if not r.via_pytorch_extension]
+
+
+def describe(missing: list[Requirement]) -> str:
+    """One line for the confirmation dialog."""
+    names = [r.pip_name for r in missing]
+    return ", ".join(names)

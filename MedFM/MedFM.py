@@ -1,19 +1,52 @@
 """MedFM: promptable foundation-model segmentation in 3D Slicer.
 
-Slicer loads this file at start-up, so it imports only Slicer, Qt, vtk and the
-standard library at the top. Everything else lives in MedFMLib and is
-imported where it is used; torch and segment_anything are imported lazily
-inside MedFMLib's engines.
+Slicer loads this file at start-up, so it imports only Slicer, Qt, ctk, vtk
+and the standard library at the top. Everything else lives in MedFMLib and
+is imported where it is used; torch and segment_anything are imported lazily
+inside MedFMLib's engines. This file is GUI glue: the work is in MedFMLib.
 """
+
+import os
 
 import qt
 import slicer
+import vtk
+from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+from slicer.util import VTKObservationMixin
+
+DEVICES = ["auto", "cuda", "mps", "cpu"]
+INTENSITIES = ["viewer", "auto", "soft_tissue", "lung", "bone", "brain"]
+SETTINGS_PREFIX = "MedFM/"
+
+
+def settingsValue(key, default=""):
+    """A persisted MedFM setting (Slicer's QSettings)."""
+    value = qt.QSettings().value(SETTINGS_PREFIX + key)
+    return default if value in (None, "") else str(value)
+
+
+def setSettingsValue(key, value):
+    qt.QSettings().setValue(SETTINGS_PREFIX + key, value)
+
+
+def configureStoreFromSettings():
+    """Models under Slicer's settings folder unless the user chose another, and the organisation catalog."""
+    from MedFMLib.store import configure
+
+    defaultHome = os.path.join(os.path.dirname(slicer.app.slicerUserSettingsFilePath), "MedFM")
+    home = settingsValue("modelsFolder") or os.environ.get("MEDFM_HOME") or defaultHome
+    configure(home=home, catalog=settingsValue("catalog"))
+
+
+#
+# Module
+#
 
 
 class MedFM(ScriptedLoadableModule):
@@ -21,62 +54,380 @@ class MedFM(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "MedFM"
         self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["Segmentations"]
         self.parent.contributors = ["The MedFM developers"]
         self.parent.helpText = (
-            "Segment with promptable foundation models (SAM, MedSAM) from points and boxes "
-            "placed in the slice views. See the "
+            "Segment with promptable foundation models (SAM, MedSAM) from points and boxes placed in the "
+            "slice views: use the <b>MedFM</b> effect of the Segment Editor. This panel manages models, "
+            "device and intensity. See the "
             '<a href="https://github.com/medfm/SlicerMedFM">documentation</a>.'
         )
         self.parent.acknowledgementText = (
             "MedFM is Apache-2.0. Model weights carry their own licences, listed with each model."
         )
-        # Slicer picks up the icon from Resources/Icons/MedFM.png by itself.
+        slicer.app.connect("startupCompleted()", registerSegmentEditorEffect)
 
 
-class MedFMWidget(ScriptedLoadableModuleWidget):
-    """The module panel. The interactive effect and model management build on MedFMLib."""
+def registerSegmentEditorEffect():
+    """Add the MedFM effect to the Segment Editor (after start-up, when the editor exists)."""
+    import qSlicerSegmentationsEditorEffectsPythonQt as editorEffects
+
+    effect = editorEffects.qSlicerSegmentEditorScriptedEffect(None)
+    source = os.path.join(os.path.dirname(__file__), "SegmentEditorMedFMLib", "SegmentEditorEffect.py")
+    effect.setPythonSource(source.replace("\\", "/"))
+    effect.self().register()
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class MedFMParameterNode:
+    """The module's choices; kept in the scene and persisted in Slicer's settings."""
+
+    modelName: str = "classic"
+    device: str = "auto"
+    intensity: str = "viewer"
+
+
+#
+# Widget
+#
+
+
+class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        label = qt.QLabel(
-            "MedFM's segmentation library is installed. Use the `medfm` command line or "
-            "MedFMLib from the Python console; the interactive panel builds on it."
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedFM.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        configureStoreFromSettings()
+        self.logic = MedFMLogic()
+
+        self.ui.deviceSelector.addItems(DEVICES)
+        self.ui.intensitySelector.addItems(INTENSITIES)
+        self.ui.modelsFolderLineEdit.currentPath = str(self.logic.store.home)
+        self.ui.catalogLineEdit.text = settingsValue("catalog")
+        self.populateModels()
+
+        self.ui.modelSelector.currentTextChanged.connect(self.onModelChanged)
+        self.ui.deviceSelector.currentTextChanged.connect(lambda value: self.onChoiceChanged("device", value))
+        self.ui.intensitySelector.currentTextChanged.connect(lambda value: self.onChoiceChanged("intensity", value))
+        self.ui.downloadModelButton.clicked.connect(self.onDownloadModel)
+        self.ui.importModelButton.clicked.connect(self.onImportModel)
+        self.ui.removeModelButton.clicked.connect(self.onRemoveModel)
+        self.ui.installDependenciesButton.clicked.connect(self.onInstallDependencies)
+        self.ui.modelsFolderLineEdit.currentPathChanged.connect(self.onModelsFolderChanged)
+        self.ui.catalogLineEdit.editingFinished.connect(self.onCatalogChanged)
+        self.ui.openSegmentEditorButton.clicked.connect(self.onOpenSegmentEditor)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self._parameterNode = self.logic.getParameterNode()
+        for key in ("modelName", "device", "intensity"):
+            setattr(self._parameterNode, key, settingsValue(key, getattr(self._parameterNode, key)))
+        self.ui.modelSelector.currentText = self._parameterNode.modelName
+        self.ui.deviceSelector.currentText = self._parameterNode.device
+        self.ui.intensitySelector.currentText = self._parameterNode.intensity
+        self.updateModelStatus()
+
+    # ----------------------------------------------------------------- models
+    def populateModels(self):
+        current = self.ui.modelSelector.currentText
+        self.ui.modelSelector.blockSignals(True)
+        self.ui.modelSelector.clear()
+        self.ui.modelSelector.addItems(self.logic.modelNames())
+        self.ui.modelSelector.currentText = current or settingsValue("modelName", "classic")
+        self.ui.modelSelector.blockSignals(False)
+
+    def onModelChanged(self, name):
+        self.onChoiceChanged("modelName", name)
+        self.updateModelStatus()
+
+    def onChoiceChanged(self, key, value):
+        if not value:
+            return
+        setSettingsValue(key, value)
+        if self._parameterNode is not None:
+            setattr(self._parameterNode, key, value)
+
+    def updateModelStatus(self):
+        from MedFMLib.dependencies import describe, missing_requirements
+
+        name = self.ui.modelSelector.currentText
+        if not name:
+            return
+        try:
+            info = self.logic.store.info(name)
+            ready = self.logic.isModelReady(name)
+        except Exception as error:  # a broken catalog: say so, keep the panel usable
+            self.ui.modelStatusLabel.text = str(error)
+            return
+        if not info.needs_weights:
+            status = "built in (no weights)"
+        elif ready:
+            status = f"downloaded ({self.logic.store.path(name)})"
+        else:
+            status = "not downloaded yet" + (f": {info.download_note}" if not info.url and info.download_note else "")
+        self.ui.modelStatusLabel.text = status
+        commercial = "commercial use allowed" if info.commercial_use else "NON-COMMERCIAL use only"
+        note = f" {info.license_note}" if info.license_note else ""
+        self.ui.modelLicenseLabel.text = f'{info.license}, {commercial}.{note} <a href="{info.homepage}">Homepage</a>'
+        self.ui.downloadModelButton.enabled = info.needs_weights and not ready and bool(info.url)
+        self.ui.removeModelButton.enabled = info.needs_weights and ready
+        missing = missing_requirements(info.engine)
+        self.ui.installDependenciesButton.enabled = bool(missing)
+        self.ui.dependenciesLabel.text = (
+            f"{name} needs: {describe(missing)}." if missing else "All packages this model needs are installed."
         )
-        label.wordWrap = True
-        self.layout.addWidget(label)
-        self.layout.addStretch(1)
+
+    def onDownloadModel(self):
+        self.downloadWithProgress(self.ui.modelSelector.currentText)
+        self.updateModelStatus()
+
+    def downloadWithProgress(self, name):
+        """Download through the model store with a progress dialog; True if the model is ready after."""
+        dialog = slicer.util.createProgressDialog(
+            parent=slicer.util.mainWindow(), windowTitle="MedFM", labelText=f"Downloading {name}...", maximum=1000
+        )
+        dialog.setCancelButton(None)  # the download resumes if Slicer is closed; no half file is ever used
+
+        def onProgress(progress):
+            if progress.bytes_total:
+                dialog.value = int(1000 * progress.bytes_done / progress.bytes_total)
+            dialog.labelText = (
+                f"Downloading {name}: {progress.bytes_done / 2**20:.0f} MiB"
+                + (f" of {progress.bytes_total / 2**20:.0f} MiB" if progress.bytes_total else "")
+                + f" ({progress.bytes_per_second / 2**20:.1f} MiB/s)"
+            )
+            slicer.app.processEvents()
+
+        try:
+            self.logic.downloadModel(name, progress=onProgress)
+            return True
+        except Exception as error:
+            slicer.util.errorDisplay(str(error), windowTitle="MedFM")
+            return False
+        finally:
+            dialog.close()
+
+    def onImportModel(self):
+        name = self.ui.modelSelector.currentText
+        path = qt.QFileDialog.getOpenFileName(
+            slicer.util.mainWindow(), f"Import the checkpoint of {name}", "", "Checkpoints (*.pth *.pt);;All (*)"
+        )
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay("Import failed.", waitCursor=True):
+            self.logic.store.import_file(path, name)
+        self.updateModelStatus()
+
+    def onRemoveModel(self):
+        name = self.ui.modelSelector.currentText
+        if slicer.util.confirmOkCancelDisplay(f"Delete the downloaded weights of {name}?", windowTitle="MedFM"):
+            self.logic.removeModel(name)
+        self.updateModelStatus()
+
+    def onInstallDependencies(self):
+        from MedFMLib.store import ModelStore
+
+        self.logic.ensureDependencies(ModelStore().info(self.ui.modelSelector.currentText).engine)
+        self.updateModelStatus()
+
+    # --------------------------------------------------------------- settings
+    def onModelsFolderChanged(self, path):
+        setSettingsValue("modelsFolder", path)
+        configureStoreFromSettings()
+        self.logic.resetStore()
+        self.updateModelStatus()
+
+    def onCatalogChanged(self):
+        setSettingsValue("catalog", self.ui.catalogLineEdit.text.strip())
+        configureStoreFromSettings()
+        self.logic.resetStore()
+        with slicer.util.tryWithErrorDisplay("Cannot use this catalog.", waitCursor=True):
+            self.populateModels()
+        self.updateModelStatus()
+
+    def onOpenSegmentEditor(self):
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setActiveEffectByName("MedFM")
+
+
+#
+# Logic
+#
 
 
 class MedFMLogic(ScriptedLoadableModuleLogic):
-    """Headless entry point; usable from Slicer's Python console."""
+    """The module's logic: MedFMLib's SegmentationLogic plus Slicer-only steps (installing packages).
 
-    def segmentArrays(self, volumeArray, ijkToRas, pointsRas, modelName="classic", view="axial"):
-        """Segment a (K, J, I) array from positive RAS points; returns the (K, J, I) mask."""
-        from MedFMLib.engines import create_engine
-        from MedFMLib.session import Session
-        from MedFMLib.volume import Volume
+    Usable without the GUI, from Slicer's Python console::
 
-        session = Session(Volume(volumeArray, ijkToRas), create_engine(modelName))
-        objectId = session.add_object()
-        for point in pointsRas:
-            session.add_point(objectId, point, positive=True, view=view)
-        return session.mask(objectId)
+        logic = slicer.util.getModuleLogic("MedFM")
+        segmentId = logic.segment(volumeNode, segmentationNode, "tumour",
+                                  positivePointsNode=getNode("F"), view="axial", modelName="classic")
+
+    See MedFMLib.logic.SegmentationLogic.segment for every argument.
+    """
+
+    def __init__(self):
+        from MedFMLib.logic import SegmentationLogic
+
+        ScriptedLoadableModuleLogic.__init__(self)
+        configureStoreFromSettings()
+        self._core = SegmentationLogic()
+
+    def __getattr__(self, name):
+        # Everything MedFMLib's logic offers (segment, engine, downloadModel, ...) is the module's too.
+        if name.startswith("__") or name == "_core":
+            raise AttributeError(name)
+        return getattr(self._core, name)
+
+    def getParameterNode(self):
+        return MedFMParameterNode(super().getParameterNode())
+
+    def resetStore(self):
+        from MedFMLib.logic import SegmentationLogic
+
+        self._core = SegmentationLogic()
+
+    def ensureDependencies(self, engineName, askConfirmation=True):
+        """Install what an engine needs, after asking: torch through the PyTorch extension, the rest by pip."""
+        from MedFMLib.dependencies import describe, install_plan, missing_requirements
+
+        missing = missing_requirements(engineName)
+        if not missing:
+            return True
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            f"MedFM needs {describe(missing)} for this model. Install now? (This can take several minutes.)",
+            windowTitle="MedFM",
+        ):
+            return False
+        needsTorch, pipSpecifiers = install_plan(missing)
+        if needsTorch:
+            try:
+                import PyTorchUtils
+            except ImportError:
+                slicer.util.errorDisplay(
+                    "MedFM needs the PyTorch extension: install 'PyTorch' from the Extensions Manager, "
+                    "restart Slicer, and try again.",
+                    windowTitle="MedFM",
+                )
+                return False
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if (
+                torchLogic.installTorch(
+                    askConfirmation=False, torchVersionRequirement=">=2.1", torchvisionVersionRequirement=">=0.16"
+                )
+                is None
+            ):
+                return False
+        if pipSpecifiers:
+            with slicer.util.displayPythonShell(), slicer.util.tryWithErrorDisplay("Installing packages failed."):
+                # --no-deps: segment-anything must not pull a torch of pip's choosing over PyTorchUtils' one.
+                slicer.util.pip_install(["--no-deps", *pipSpecifiers])
+        return not missing_requirements(engineName)
+
+
+#
+# Test
+#
 
 
 class MedFMTest(ScriptedLoadableModuleTest):
+    """The whole flow in Slicer: a generated oblique volume, the MedFM effect's logic, a model, a segment."""
+
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_ClassicSegmentsPhantom()
+        self.test_LogicSegmentsPhantomIntoSegment()
+        self.setUp()
+        self.test_EffectIsRegistered()
+        self.setUp()
+        self.test_EffectFlowWithTinyModel()
 
-    def test_ClassicSegmentsPhantom(self):
+    def _phantom(self):
+        import numpy as np
+
+        from MedFMLib.mrml import add_volume_node
         from MedFMLib.phantoms import demo_phantom
 
         volume, truth, seeds = demo_phantom()
-        mask = MedFMLogic().segmentArrays(volume.array, volume.ijk_to_ras, [seeds["lesion"]])
+        volumeNode = add_volume_node(slicer.mrmlScene, volume, "MedFM phantom")
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+        points.AddControlPoint(vtk.vtkVector3d(*np.asarray(seeds["lesion"], dtype=float)))
+        return volume, truth, volumeNode, segmentationNode, points
+
+    def test_LogicSegmentsPhantomIntoSegment(self):
+        from MedFMLib.mrml import segment_array
+
+        volume, truth, volumeNode, segmentationNode, points = self._phantom()
+        logic = MedFMLogic()
+        segmentId = logic.segment(volumeNode, segmentationNode, "lesion", positivePointsNode=points, view="axial")
+        mask = segment_array(segmentationNode, segmentId, volume)
         self.assertTrue(mask.any())
         self.assertFalse((mask & ~truth["lesion"]).any())
-        self.delayDisplay("MedFM classic engine test passed")
+        self.delayDisplay("MedFM logic wrote the lesion into its segment")
+
+    def test_EffectIsRegistered(self):
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        self.assertIsNotNone(editor.effectByName("MedFM"))
+        self.delayDisplay("MedFM effect is registered")
+
+    def test_EffectFlowWithTinyModel(self):
+        """Click in the red view through the effect, Apply, and check the segment and Slicer's undo."""
+        from MedFMLib.mrml import segment_array
+
+        volume, truth, volumeNode, segmentationNode, points = self._phantom()
+        slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+        slicer.util.selectModule("SegmentEditor")
+        editorWidget = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        segmentId = segmentationNode.GetSegmentation().AddEmptySegment("lesion")
+        editorWidget.setSegmentationNode(segmentationNode)
+        editorWidget.setSourceVolumeNode(volumeNode)
+        editorWidget.setCurrentSegmentID(segmentId)
+        editorWidget.setActiveEffectByName("MedFM")
+        effect = editorWidget.activeEffect().self()
+        position = [0.0, 0.0, 0.0]
+        points.GetNthControlPointPositionWorld(0, position)
+        redSliceNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+        redSliceNode.JumpSliceByCentering(*position)
+        effect.addPointPrompt(position, positive=True, sliceNode=redSliceNode)
+        effect.waitForEncoding()
+        self.assertTrue(effect.previewMask().any())
+        effect.onApply()
+        mask = segment_array(segmentationNode, segmentId, volume)
+        self.assertTrue(mask.any())
+        self.assertFalse((mask & ~truth["lesion"]).any())
+        editorWidget.undo()
+        self.assertFalse(segment_array(segmentationNode, segmentId, volume).any())
+        self.delayDisplay("MedFM effect: click, preview, apply and undo work")

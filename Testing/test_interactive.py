@@ -133,3 +133,43 @@ def test_background_failures_reach_the_gui_thread(mrml_scene):
         assert not encoder.is_busy()
     finally:
         encoder.stop()
+
+
+def test_undo_in_the_session_redraws_the_markups(mrml_scene):
+    volume, truth, centre, session, obj, positive, negative = _setup(mrml_scene)
+    roi = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    sync = PromptSync(session, obj, default_view="axial")
+    positive.AddControlPoint(vtk.vtkVector3d(*centre))
+    negative.AddControlPoint(vtk.vtkVector3d(*_shifted(volume, centre, [5, 0, 0])))
+    sync.sync(positive, negative)
+    roi.SetXYZ(*centre)
+    roi.SetRadiusXYZ(15.0, 15.0, 0.5)
+    sync.sync_box(roi)
+    with_box = session.mask(obj).copy()
+    session.undo()  # the box goes
+    sync.rebuild(positive, negative, roi)
+    assert roi.GetNumberOfDefinedControlPoints() == 0
+    assert positive.GetNumberOfControlPoints() == 1 and negative.GetNumberOfControlPoints() == 1
+    assert sync.sync(positive, negative) == ([], [])  # markups and session agree again
+    session.redo()
+    sync.rebuild(positive, negative, roi)
+    assert roi.GetNumberOfDefinedControlPoints() > 0 and sync.sync_box(roi) is None
+    np.testing.assert_array_equal(session.mask(obj), with_box)
+    # Dragging a redrawn point still moves its prompt.
+    positive.SetNthControlPointPositionWorld(0, *_shifted(volume, centre, [0, 0, 1]))
+    updates, _ = sync.sync(positive, negative)
+    assert len(updates) == 2 and len(session.prompts(obj)) == 3
+
+
+def test_preview_segment_is_replaced_whole(mrml_scene):
+    from MedFMLib.mrml import ensure_segment, segment_array, set_segment_mask
+
+    volume, truth, *_ = _setup(mrml_scene)
+    preview = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "MedFM preview")
+    segment = ensure_segment(preview, "preview", color=(0.2, 0.9, 0.2))
+    set_segment_mask(preview, segment, truth, volume)
+    np.testing.assert_array_equal(segment_array(preview, segment, volume), truth)
+    smaller = np.zeros_like(truth)
+    smaller[truth.shape[0] // 2] = truth[truth.shape[0] // 2]
+    set_segment_mask(preview, segment, smaller, volume)
+    np.testing.assert_array_equal(segment_array(preview, segment, volume), smaller)

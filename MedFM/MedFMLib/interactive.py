@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import vtk
 
 from .errors import MedFMError
 from .geometry import ViewLike, resolve_axis
@@ -100,6 +101,28 @@ class PromptSync:
         box = next(p for p in self.session.prompts(self.object_id) if isinstance(p, BoxPrompt))
         self._box = (box.id, signature)
         return update
+
+    def rebuild(self, positive_node, negative_node, roi_node=None) -> None:
+        """Redraw the markups from the session's prompts (after the session's own undo or redo)."""
+        from .mrml import set_roi_corners
+
+        self._points.clear()
+        for node in (positive_node, negative_node):
+            if node is not None:
+                node.RemoveAllControlPoints()
+        self._box = None
+        for state in self.session.objects[self.object_id].slices.values():
+            for point in state.points:
+                node = positive_node if point.positive else negative_node
+                index = node.AddControlPoint(vtk.vtkVector3d(*point.ras))
+                key = (node.GetID(), node.GetNthControlPointID(index))
+                self._views[key] = state.plane.axis
+                self._points[key] = _Tracked(point.id, np.array(point.ras), state.plane.axis)
+            if state.box is not None and roi_node is not None:
+                set_roi_corners(roi_node, state.box.corner_a, state.box.corner_b)
+                self._box = (state.box.id, tuple(np.round(roi_corners(roi_node), 4).ravel()))
+        if self._box is None and roi_node is not None:
+            roi_node.RemoveAllControlPoints()
 
     def touched_region(self) -> np.ndarray:
         """The voxels of every slice this object has prompts on: what Apply may change."""

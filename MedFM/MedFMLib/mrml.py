@@ -156,6 +156,14 @@ def roi_box_on_slice(volume: Volume, roi_node, axis: int, index: int) -> tuple[n
     return corners[0], corners[1]
 
 
+def set_roi_corners(roi_node, corner_a, corner_b, thickness_mm: float = 1.0) -> None:
+    """Make a markups ROI the world-aligned box spanned by two RAS corners (at least ``thickness_mm`` thick)."""
+    corner_a, corner_b = np.asarray(corner_a, dtype=float), np.asarray(corner_b, dtype=float)
+    radius = np.maximum(np.abs(corner_b - corner_a) / 2.0, thickness_mm / 2.0)
+    roi_node.SetXYZ(*((corner_a + corner_b) / 2.0))
+    roi_node.SetRadiusXYZ(*radius)
+
+
 # --------------------------------------------------------------------------- segments
 def oriented_image(mask: np.ndarray, image_to_world: np.ndarray):
     """A (K, J, I) mask as Slicer's vtkOrientedImageData with the given IJK→world matrix."""
@@ -197,6 +205,17 @@ def segment_array(segmentation_node, segment_id: str, volume: Volume) -> np.ndar
     values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(volume.array.shape)
     # Segments may share one labelmap layer; this segment is the voxels with its label value.
     return values == segment.GetLabelValue()
+
+
+def set_segment_mask(segmentation_node, segment_id: str, mask: np.ndarray, volume: Volume) -> None:
+    """Replace a segment by a mask, without masking or undo: for MedFM's own preview segmentation."""
+    from slicer import vtkSlicerSegmentationsModuleLogic as logic
+
+    _segment_label(segmentation_node, segment_id)
+    image_to_local = np.linalg.inv(to_world_matrix(segmentation_node)) @ volume.ijk_to_ras
+    logic.SetBinaryLabelmapToSegment(
+        oriented_image(mask, image_to_local), segmentation_node, segment_id, logic.MODE_REPLACE
+    )
 
 
 def write_segment(

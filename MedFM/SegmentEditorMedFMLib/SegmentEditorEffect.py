@@ -1,0 +1,454 @@
+"""The MedFM Segment Editor effect: clicks and boxes in the slice views, a live preview, Apply/Cancel.
+
+GUI glue only. Prompts live in markups nodes (so they can be dragged and
+deleted with Slicer's own tools); MedFMLib.interactive.PromptSync turns their
+changes into session updates; MedFMLib.background encodes slices on a worker
+thread while a QTimer on the GUI thread waits for them. MRML and Qt are only
+touched here, on the main thread.
+"""
+
+import os
+
+import numpy as np
+import qt
+import slicer
+import vtk
+from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+
+#: keys in the slice views while the effect is active
+KEY_ACTIONS = {
+    "p": "positive",
+    "n": "negative",
+    "b": "box",
+    "z": "undo",
+    "y": "redo",
+    "Return": "apply",
+    "KP_Enter": "apply",
+}
+POLL_MILLISECONDS = 50
+NEIGHBOURS_TO_PREFETCH = 3
+GRAB_RADIUS_PIXELS = 6  # a press this close to a control point drags it instead of adding a new one
+
+
+class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
+    def __init__(self, scriptedEffect):
+        scriptedEffect.name = "MedFM"
+        scriptedEffect.perSegment = True
+        scriptedEffect.requireSegments = True
+        AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
+        self.logic = None
+        self.session = None
+        self.sessionKey = None
+        self.objectId = None
+        self.sync = None
+        self.encoder = None
+        self.mode = "positive"
+        self.boxStart = None
+        self.boxView = None
+        self.positiveNode = self.negativeNode = self.roiNode = self.previewNode = None
+        self.observations = []
+
+    def clone(self):
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
+        return clonedEffect
+
+    def icon(self):
+        return qt.QIcon(os.path.join(os.path.dirname(__file__), "..", "Resources", "Icons", "MedFM.png"))
+
+    def helpText(self):
+        return (
+            "<html>Segment with a foundation model (choose it in the MedFM module).<br>"
+            "<b>Left-click</b>: a point on the object (<b>P</b>); <b>Shift+click</b> or mode <b>N</b>: a point "
+            "on what is not the object; mode <b>B</b>: drag a box. Drag points to move them, right-click to "
+            "delete. <b>Z</b>/<b>Y</b>: undo/redo a prompt, <b>Enter</b>: apply.</html>"
+        )
+
+    # --------------------------------------------------------------- options
+    def setupOptionsFrame(self):
+        uiPath = os.path.join(os.path.dirname(__file__), "..", "Resources", "UI", "SegmentEditorMedFM.ui")
+        uiWidget = slicer.util.loadUI(uiPath)
+        self.scriptedEffect.addOptionsWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        self.modeButtons = {
+            "positive": self.ui.positiveButton,
+            "negative": self.ui.negativeButton,
+            "box": self.ui.boxButton,
+        }
+        group = qt.QButtonGroup(uiWidget)
+        group.setExclusive(True)
+        for mode, button in self.modeButtons.items():
+            group.addButton(button)
+            button.clicked.connect(lambda checked, m=mode: self.setMode(m))
+        self.ui.positiveButton.checked = True
+        self.ui.undoButton.clicked.connect(self.onUndo)
+        self.ui.redoButton.clicked.connect(self.onRedo)
+        self.ui.clearButton.clicked.connect(self.onClear)
+        self.ui.applyButton.clicked.connect(self.onApply)
+        self.ui.cancelButton.clicked.connect(self.onCancel)
+        self.ui.cancelEncodingButton.clicked.connect(self.onCancelEncoding)
+        self.pollTimer = qt.QTimer()
+        self.pollTimer.setInterval(POLL_MILLISECONDS)
+        self.pollTimer.timeout.connect(self.onPoll)
+        self.dragTimer = qt.QTimer()
+        self.dragTimer.setSingleShot(True)
+        self.dragTimer.setInterval(120)  # decode at most ~8 times a second while a point is dragged
+        self.dragTimer.timeout.connect(self.requestSync)
+
+    def setMode(self, mode):
+        self.mode = mode
+        self.modeButtons[mode].checked = True
+
+    def setStatus(self, text):
+        self.ui.statusLabel.text = text
+
+    # ------------------------------------------------------------- lifecycle
+    def activate(self):
+        import MedFM
+
+        if self.logic is None:
+            self.logic = MedFM.MedFMLogic()
+        self.ui.modelLabel.text = MedFM.settingsValue("modelName", "classic")
+        self.ensureMarkups()
+
+    def deactivate(self):
+        self.onCancel()
+        self.removeMarkups()
+        if self.encoder is not None:
+            self.encoder.stop()
+            self.encoder = None
+        self.session = self.sessionKey = None
+
+    def ensureMarkups(self):
+        if self.positiveNode is not None:
+            return
+        scene = slicer.mrmlScene
+        self.positiveNode = self._markupsNode("vtkMRMLMarkupsFiducialNode", "MedFM +", (0.1, 0.9, 0.1))
+        self.negativeNode = self._markupsNode("vtkMRMLMarkupsFiducialNode", "MedFM -", (0.95, 0.15, 0.15))
+        self.roiNode = self._markupsNode("vtkMRMLMarkupsROINode", "MedFM box", (1.0, 0.85, 0.1))
+        self.previewNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "MedFM preview")
+        self.previewNode.SetHideFromEditors(True)
+        self.previewNode.CreateDefaultDisplayNodes()
+        self.previewNode.GetDisplayNode().SetOpacity2DFill(0.45)
+        for node in (self.positiveNode, self.negativeNode, self.roiNode):
+            for event in (node.PointEndInteractionEvent, node.PointRemovedEvent):
+                self.observations.append((node, node.AddObserver(event, lambda *args: self.requestSync())))
+            self.observations.append(
+                (node, node.AddObserver(node.PointModifiedEvent, lambda *args: self.dragTimer.start()))
+            )
+
+    def _markupsNode(self, className, name, color):
+        node = slicer.mrmlScene.AddNewNodeByClass(className, name)
+        node.SetSaveWithScene(False)
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        display.SetSelectedColor(*color)
+        display.SetColor(*color)
+        display.SetPointLabelsVisibility(False)
+        node.SetMarkupLabelFormat("")
+        return node
+
+    def removeMarkups(self):
+        for node, tag in self.observations:
+            node.RemoveObserver(tag)
+        self.observations = []
+        for node in (self.positiveNode, self.negativeNode, self.roiNode, self.previewNode):
+            if node is not None and node.GetScene() is not None:
+                slicer.mrmlScene.RemoveNode(node)
+        self.positiveNode = self.negativeNode = self.roiNode = self.previewNode = None
+
+    # --------------------------------------------------------------- session
+    def ensureSession(self):
+        """The session for the source volume and the module's model, device and intensity (made on demand)."""
+        import MedFM
+        from MedFMLib.background import BackgroundEncoder
+        from MedFMLib.interactive import PromptSync
+        from MedFMLib.mrml import ensure_segment, volume_from_node
+        from MedFMLib.session import Session
+
+        parameterSetNode = self.scriptedEffect.parameterSetNode()
+        volumeNode = parameterSetNode.GetSourceVolumeNode()
+        modelName = MedFM.settingsValue("modelName", "classic")
+        device = MedFM.settingsValue("device", "auto")
+        intensity = MedFM.settingsValue("intensity", "viewer")
+        key = (volumeNode.GetID() if volumeNode else None, volumeNode.GetMTime() if volumeNode else 0, modelName,
+               device, intensity)  # fmt: skip
+        if self.session is not None and key == self.sessionKey:
+            return self.session
+        volume = volume_from_node(volumeNode)
+        if not self.ensureModel(modelName):
+            return None
+        with slicer.util.WaitCursor():
+            engine = self.logic.engine(modelName, device)
+        if self.encoder is not None:
+            self.encoder.stop()
+        self.session = Session(volume, engine, self.logic.intensityWindow(volumeNode, intensity), self.logic.cache)
+        self.sessionKey = key
+        self.objectId = self.session.add_object()
+        self.sync = PromptSync(self.session, self.objectId)
+        self.encoder = BackgroundEncoder(self.session)
+        self.previewSegmentId = ensure_segment(self.previewNode, "preview")
+        self.ui.modelLabel.text = f"{modelName} on {engine.device}"
+        return self.session
+
+    def ensureModel(self, modelName):
+        """Ask before installing packages or downloading weights; False if the user declined."""
+        info = self.logic.store.info(modelName)
+        if not self.logic.ensureDependencies(info.engine):
+            self.setStatus(f"{modelName} needs packages that are not installed.")
+            return False
+        if self.logic.isModelReady(modelName):
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+            f"{modelName} is not downloaded yet. Download it now? ({info.license} licence)", windowTitle="MedFM"
+        ):
+            self.setStatus(f"{modelName} is not downloaded yet: download it in the MedFM module.")
+            return False
+        return slicer.modules.medfm.widgetRepresentation().self().downloadWithProgress(modelName)
+
+    # ----------------------------------------------------------- interaction
+    def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
+        if viewWidget.className() != "qMRMLSliceWidget":
+            return False
+        if eventId == vtk.vtkCommand.KeyPressEvent:
+            action = KEY_ACTIONS.get(callerInteractor.GetKeySym())
+            if action in self.modeButtons:
+                self.setMode(action)
+            elif action is not None:
+                {"undo": self.onUndo, "redo": self.onRedo, "apply": self.onApply}[action]()
+            return action is not None
+        if eventId == vtk.vtkCommand.LeftButtonPressEvent:
+            ras = self.scriptedEffect.xyToRas(callerInteractor.GetEventPosition(), viewWidget)
+            if self.isNearControlPoint(ras, viewWidget):
+                return False  # let Slicer's markups drag the point
+            sliceNode = viewWidget.sliceLogic().GetSliceNode()
+            if self.mode == "box":
+                self.boxStart, self.boxView = ras, sliceNode
+                return True
+            positive = self.mode == "positive" and not callerInteractor.GetShiftKey()
+            self.addPointPrompt(ras, positive, sliceNode)
+            return True
+        if eventId == vtk.vtkCommand.LeftButtonReleaseEvent and self.boxStart is not None:
+            from MedFMLib.mrml import set_roi_corners
+
+            end = self.scriptedEffect.xyToRas(callerInteractor.GetEventPosition(), viewWidget)
+            start, self.boxStart = self.boxStart, None
+            set_roi_corners(self.roiNode, start, end, thickness_mm=self._sliceSpacing(self.boxView))
+            self.requestSync()
+            return True
+        return False
+
+    def _sliceSpacing(self, sliceNode):
+        volumeNode = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
+        return min(volumeNode.GetSpacing()) if volumeNode else 1.0
+
+    def isNearControlPoint(self, ras, viewWidget):
+        sliceNode = viewWidget.sliceLogic().GetSliceNode()
+        millimetresPerPixel = sliceNode.GetFieldOfView()[0] / max(sliceNode.GetDimensions()[0], 1)
+        for node in (self.positiveNode, self.negativeNode):
+            if node is None:
+                continue
+            for index in range(node.GetNumberOfControlPoints()):
+                position = [0.0, 0.0, 0.0]
+                node.GetNthControlPointPositionWorld(index, position)
+                if np.linalg.norm(np.subtract(position, ras)) < GRAB_RADIUS_PIXELS * millimetresPerPixel:
+                    return True
+        return False
+
+    def addPointPrompt(self, ras, positive=True, sliceNode=None):
+        """Add a click at a RAS position; the slice view's normal decides the slice axis."""
+        self.ensureMarkups()
+        node = self.positiveNode if positive else self.negativeNode
+        index = node.AddControlPoint(vtk.vtkVector3d(*[float(v) for v in ras]))
+        if self.ensureSessionOrReport() is None:
+            node.RemoveNthControlPoint(index)
+            return
+        if sliceNode is not None:
+            sliceToRas = sliceNode.GetSliceToRAS()
+            normal = [sliceToRas.GetElement(row, 2) for row in range(3)]
+            self.sync.set_view(node, node.GetNthControlPointID(index), normal)
+        self.requestSync()
+
+    def ensureSessionOrReport(self):
+        from MedFMLib.errors import MedFMError
+
+        try:
+            return self.ensureSession()
+        except MedFMError as error:
+            self.setStatus(str(error))
+            return None
+
+    # ----------------------------------------------- encoding, then decoding
+    def neededPlanes(self):
+        """The planes the current prompts lie on (their embeddings must exist before decoding)."""
+        from MedFMLib.errors import MedFMError
+        from MedFMLib.geometry import plane_through
+        from MedFMLib.mrml import control_points
+
+        planes = []
+        for node in (self.positiveNode, self.negativeNode):
+            for pointId, position in control_points(node):
+                view = self.sync._views.get((node.GetID(), pointId), self.sync.default_view)
+                try:
+                    planes.append(plane_through(self.session.volume, position, view))
+                except MedFMError:
+                    pass  # PromptSync rejects it with a message
+        return planes
+
+    def requestSync(self):
+        if self.ensureSessionOrReport() is None:
+            return
+        planes = self.neededPlanes()
+        missing = [p for p in planes if not self.encoder.is_ready(p)]
+        wanted = missing + [n for p in planes[-1:] for n in self.encoder.neighbours(p, NEIGHBOURS_TO_PREFETCH)]
+        self.encoder.request(wanted)
+        self.showEncoding(bool(missing))
+        if missing:
+            self.pollTimer.start()
+        else:
+            self.decodeNow()
+
+    def showEncoding(self, busy):
+        self.ui.encodingProgressBar.visible = busy
+        self.ui.cancelEncodingButton.visible = busy
+
+    def onPoll(self):
+        from MedFMLib.logic import isOutOfMemory
+
+        planes = self.neededPlanes()
+        for plane in planes:
+            failure = self.encoder.failure(plane)
+            if failure is not None:
+                self.pollTimer.stop()
+                self.showEncoding(False)
+                self.reportFailure(failure, isOutOfMemory(failure))
+                return
+        if all(self.encoder.is_ready(p) for p in planes):
+            self.pollTimer.stop()
+            self.showEncoding(False)
+            self.decodeNow()
+
+    def reportFailure(self, failure, outOfMemory):
+        import MedFM
+
+        if outOfMemory and slicer.util.confirmYesNoDisplay(
+            "The GPU ran out of memory. Use the CPU instead? (slower, but it works)", windowTitle="MedFM"
+        ):
+            MedFM.setSettingsValue("device", "cpu")
+            self.requestSync()
+            return
+        self.setStatus(f"Encoding failed: {failure}")
+
+    def onCancelEncoding(self):
+        self.pollTimer.stop()
+        if self.encoder is not None:
+            self.encoder.cancel()
+        self.showEncoding(False)
+        self.setStatus("Encoding stopped; click again to resume.")
+
+    def waitForEncoding(self, timeoutSeconds=120):
+        """Process events until the prompts are decoded (for the self-test)."""
+        import time
+
+        deadline = time.monotonic() + timeoutSeconds
+        while self.pollTimer.isActive() and time.monotonic() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.01)
+
+    def decodeNow(self):
+        from MedFMLib.errors import MedFMError
+        from MedFMLib.mrml import set_segment_mask
+
+        try:
+            _, rejected = self.sync.sync(self.positiveNode, self.negativeNode)
+            view = self.boxView.GetSliceToRAS() if self.boxView is not None else None
+            normal = [view.GetElement(row, 2) for row in range(3)] if view is not None else None
+            self.sync.sync_box(self.roiNode, normal)
+        except MedFMError as error:
+            self.setStatus(str(error))
+            return
+        for item in rejected:
+            node = slicer.mrmlScene.GetNodeByID(item.node_id)
+            node.RemoveNthControlPoint(node.GetNthControlPointIndexByID(item.point_id))
+        self.setStatus(rejected[-1].message if rejected else "")
+        set_segment_mask(self.previewNode, self.previewSegmentId, self.previewMask(), self.session.volume)
+        self.colourPreview()
+
+    def colourPreview(self):
+        segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
+        segment = segmentationNode.GetSegmentation().GetSegment(
+            self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()
+        )
+        if segment is not None:
+            self.previewNode.GetSegmentation().GetSegment(self.previewSegmentId).SetColor(segment.GetColor())
+
+    def previewMask(self):
+        if self.session is None:
+            return np.zeros((1, 1, 1), dtype=bool)
+        return self.session.mask(self.objectId)
+
+    # ------------------------------------------------------------- commands
+    def onUndo(self):
+        if self.session is not None and self.session.can_undo():
+            self.session.undo()
+            self.afterHistoryChange()
+
+    def onRedo(self):
+        if self.session is not None and self.session.can_redo():
+            self.session.redo()
+            self.afterHistoryChange()
+
+    def afterHistoryChange(self):
+        from MedFMLib.mrml import set_segment_mask
+
+        self.sync.rebuild(self.positiveNode, self.negativeNode, self.roiNode)
+        set_segment_mask(self.previewNode, self.previewSegmentId, self.previewMask(), self.session.volume)
+
+    def onClear(self):
+        if self.session is not None:
+            self.session.clear_object(self.objectId)
+            self.afterHistoryChange()
+
+    def onApply(self):
+        """Write the preview into the selected segment, with masking, overwrite and Slicer's undo."""
+        from MedFMLib.errors import MedFMError
+        from MedFMLib.mrml import write_segment
+
+        if self.session is None or not self.session.prompts(self.objectId):
+            self.setStatus("Nothing to apply: click on the object first.")
+            return
+        parameterSetNode = self.scriptedEffect.parameterSetNode()
+        self.scriptedEffect.saveStateForUndo()
+        try:
+            write_segment(
+                self.session.mask(self.objectId),
+                self.session.volume,
+                parameterSetNode.GetSegmentationNode(),
+                parameterSetNode.GetSelectedSegmentID(),
+                region=self.sync.touched_region(),
+                editor_node=parameterSetNode,
+                source_volume_node=parameterSetNode.GetSourceVolumeNode(),
+            )
+        except MedFMError as error:
+            self.setStatus(str(error))
+            return
+        self.resetPrompts()
+        self.setStatus("Applied.")
+
+    def onCancel(self):
+        """Drop prompts and preview; the segment was never touched."""
+        self.resetPrompts()
+
+    def resetPrompts(self):
+        from MedFMLib.interactive import PromptSync
+        from MedFMLib.mrml import set_segment_mask
+
+        self.pollTimer.stop() if hasattr(self, "pollTimer") else None
+        if self.session is not None:
+            self.session.remove_object(self.objectId)
+            self.objectId = self.session.add_object()
+            self.sync = PromptSync(self.session, self.objectId)
+            self.sync.rebuild(self.positiveNode, self.negativeNode, self.roiNode)
+            set_segment_mask(self.previewNode, self.previewSegmentId, self.previewMask(), self.session.volume)

@@ -1,0 +1,70 @@
+"""Static checks of the Slicer-side files, which need Slicer's GUI to run (their behaviour is in the self-test)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "MedFM"
+GUI_FILES = {
+    MODULE / "MedFM.py": [MODULE / "Resources" / "UI" / "MedFM.ui"],
+    MODULE / "SegmentEditorMedFMLib" / "SegmentEditorEffect.py": [
+        MODULE / "Resources" / "UI" / "SegmentEditorMedFM.ui"
+    ],
+}
+# What Slicer may import while it starts: Slicer, Qt, ctk, vtk, numpy and the standard library.
+ALLOWED_AT_STARTUP = {"qt", "slicer", "vtk", "ctk", "numpy", "SegmentEditorEffects"}
+
+
+def _ui_names(path: Path) -> set[str]:
+    return {w.get("name") for w in ElementTree.parse(path).iter("widget")} | {
+        w.get("name") for w in ElementTree.parse(path).iter("layout")
+    }
+
+
+def test_every_ui_element_the_code_names_exists_in_its_ui_file():
+    for source, ui_files in GUI_FILES.items():
+        names = set().union(*(_ui_names(f) for f in ui_files))
+        used = set(re.findall(r"self\.ui\.(\w+)", source.read_text()))
+        assert used, source
+        assert used <= names, f"{source.name} names UI elements missing from its .ui: {sorted(used - names)}"
+
+
+def test_start_up_files_import_only_what_slicer_has():
+    for source in [MODULE / "MedFM.py", *GUI_FILES]:
+        tree = ast.parse(source.read_text())
+        for node in tree.body:  # module level only: imports inside functions are lazy
+            if isinstance(node, ast.Import):
+                modules = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [(node.module or "").split(".")[0]]
+            else:
+                continue
+            for module in modules:
+                assert module in ALLOWED_AT_STARTUP or module in sys.stdlib_module_names, (source.name, module)
+
+
+def test_cmake_installs_every_gui_file_and_resource():
+    cmake = (MODULE / "CMakeLists.txt").read_text()
+    for path in ["SegmentEditorMedFMLib/SegmentEditorEffect.py", "Resources/UI/SegmentEditorMedFM.ui"]:
+        assert path in cmake and (MODULE / path).is_file()
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cmake
+    top = (ROOT / "CMakeLists.txt").read_text()
+    for field in ["EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                  "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"]:  # fmt: skip
+        assert re.search(rf"set\({field} \"[^\"]+\"\)", top), field
+    for url in re.findall(r"https://raw.githubusercontent.com/medfm/SlicerMedFM/main/(\S+?)\"", top):
+        assert (ROOT / url).is_file(), url  # the icon and screenshots the index shows exist in the repository
+
+
+def test_extensions_index_entry():
+    entry = json.loads((ROOT / "MedFM.json").read_text())
+    assert entry["category"] == "Segmentation"
+    assert entry["build_dependencies"] == ["PyTorch"]
+    assert entry["scm_url"].startswith("https://github.com/")
+    assert {"$schema", "scm_revision", "tier"} <= set(entry)

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from MedFMLib.phantoms import Ellipsoid, make_ijk_to_ras, render
-
-# A SAM small enough to run in milliseconds on a CPU, built from segment-anything's
-# own classes; everything but the sizes is as in the real models.
-TINY_SAM = {
-    "encoder_embed_dim": 32,
-    "encoder_depth": 2,
-    "encoder_num_heads": 2,
-    "encoder_global_attn_indexes": [1],
-    "prompt_embed_dim": 32,
-    "image_size": 256,
-    "window_size": 4,
-    "decoder_mlp_dim": 64,
-    "decoder_num_heads": 2,
-    "iou_head_hidden_dim": 32,
-}
+from MedFMLib.testing import write_tiny_sam_catalog
 
 GEOMETRIES = {
     # name: (spacing, origin, rotation in degrees, axis signs)
@@ -59,44 +44,8 @@ def geometry(request) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_sam_catalog(tmp_path_factory) -> Path:
-    """A catalog file with tiny SAM and MedSAM models, and their checkpoints saved as the official files are."""
-    import torch
-
-    from MedFMLib.engines.sam import SamArchitecture, build_sam_model
-
-    folder = tmp_path_factory.mktemp("tiny_models")
-    params = dict(TINY_SAM, encoder_global_attn_indexes=tuple(TINY_SAM["encoder_global_attn_indexes"]))
-    torch.manual_seed(1234)
-    model = build_sam_model(SamArchitecture(**params))
-    # Random init leaves the decoder's output near zero; spread the weights so masks vary with prompts.
-    with torch.no_grad():
-        for parameter in model.mask_decoder.parameters():
-            parameter.mul_(3.0)
-    checkpoint = folder / "sam_tiny.pth"
-    torch.save(model.state_dict(), checkpoint)  # the official files are bare state dicts
-    entries = []
-    for name, preprocessing, prompts in (
-        ("sam_tiny", "sam", ["point", "box"]),
-        ("medsam_tiny", "medsam", ["box"]),
-    ):
-        entries.append(
-            {
-                "name": name,
-                "engine": "sam",
-                "arch": "vit_tiny",
-                "preprocessing": preprocessing,
-                "task": "general",
-                "prompts": prompts,
-                "input_size": TINY_SAM["image_size"],
-                "license": "Apache-2.0",
-                "commercial_use": True,
-                "homepage": "https://example.invalid/tests",
-                "sam_architecture": TINY_SAM,
-            }
-        )
-    catalog = folder / "catalog.json"
-    catalog.write_text(json.dumps({"format": 1, "models": entries}))
-    return catalog
+    """A catalog file with tiny SAM and MedSAM models, and their checkpoint saved as the official files are."""
+    return write_tiny_sam_catalog(tmp_path_factory.mktemp("tiny_models"))
 
 
 @pytest.fixture

@@ -52,6 +52,10 @@ class PromptSync:
         """Record the view (name or slice normal) a control point was placed in."""
         self._views[(node.GetID(), point_id)] = view
 
+    def view_of(self, node, point_id: str) -> ViewLike:
+        """The view a control point prompts in: where it was placed, else the default view."""
+        return self._views.get((node.GetID(), point_id), self.default_view)
+
     def sync(self, positive_node=None, negative_node=None) -> tuple[list[SliceUpdate], list[RejectedPrompt]]:
         """Replay on the session what changed in the markups since the last call."""
         updates: list[SliceUpdate] = []
@@ -66,7 +70,7 @@ class PromptSync:
                 tracked = self._points.get(key)
                 try:
                     if tracked is None:
-                        view = self._views.get(key, self.default_view)
+                        view = self.view_of(node, point_id)
                         update = self.session.add_point(self.object_id, position, positive=positive, view=view)
                         prompt_id = max(p.id for p in self.session.prompts(self.object_id))
                         self._points[key] = _Tracked(prompt_id, position, view)

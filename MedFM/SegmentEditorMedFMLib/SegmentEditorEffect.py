@@ -122,8 +122,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.session = self.sessionKey = None
 
     def ensureMarkups(self):
-        if self.positiveNode is not None:
+        if self.positiveNode is not None and self.positiveNode.GetScene() is not None:
             return
+        self.removeMarkups()  # a closed scene took them: start clean
         scene = slicer.mrmlScene
         self.positiveNode = self._markupsNode("vtkMRMLMarkupsFiducialNode", "MedFM +", (0.1, 0.9, 0.1))
         self.negativeNode = self._markupsNode("vtkMRMLMarkupsFiducialNode", "MedFM -", (0.95, 0.15, 0.15))
@@ -173,7 +174,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         modelName = MedFM.settingsValue("modelName", "classic")
         device = MedFM.settingsValue("device", "auto")
         intensity = MedFM.settingsValue("intensity", "viewer")
-        key = (volumeNode.GetID() if volumeNode else None, volumeNode.GetMTime() if volumeNode else 0, modelName,
+        # The image data's time stamp changes when the voxels do (not when the display does).
+        image = volumeNode.GetImageData() if volumeNode else None
+        key = (volumeNode.GetID() if volumeNode else None, image.GetMTime() if image else 0, modelName,
                device, intensity)  # fmt: skip
         if self.session is not None and key == self.sessionKey:
             return self.session
@@ -290,7 +293,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         planes = []
         for node in (self.positiveNode, self.negativeNode):
             for pointId, position in control_points(node):
-                view = self.sync._views.get((node.GetID(), pointId), self.sync.default_view)
+                view = self.sync.view_of(node, pointId)
                 try:
                     planes.append(plane_through(self.session.volume, position, view))
                 except MedFMError:
@@ -445,7 +448,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         from MedFMLib.interactive import PromptSync
         from MedFMLib.mrml import set_segment_mask
 
-        self.pollTimer.stop() if hasattr(self, "pollTimer") else None
+        if hasattr(self, "pollTimer"):
+            self.pollTimer.stop()
         if self.session is not None:
             self.session.remove_object(self.objectId)
             self.objectId = self.session.add_object()

@@ -260,3 +260,13 @@ def test_demo_writes_a_segmentation(tmp_path):
     segmentation = slicerio.read_segmentation(str(tmp_path / "demo_segmentation.seg.nrrd"))
     assert [s["name"] for s in segmentation["segments"]] == ["organ", "lesion"]
     assert "Dice 1.000" in result.stdout
+
+
+def test_bench_measures_the_gui_thread_during_a_background_encode():
+    result = run("bench", "--model", "classic", "--size", "64", "--first-clicks", "2", "--clicks", "3", "--background",
+                 "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["first_click_runs"] == 2 and report["gui_ticks_during_encode"] >= 1
+    assert 0 < report["gui_tick_ms_p50_during_encode"] <= report["gui_tick_ms_max_during_encode"]
+    assert report["click_on_prefetched_slice_ms"] > 0

@@ -50,9 +50,16 @@ def run_benchmark(
     size: int = 512,
     first_clicks: int = 3,
     further_clicks: int = 20,
+    background: bool = False,
 ) -> dict:
-    """Time first clicks (encode + decode) and further clicks (decode only) on a size×size phantom."""
-    slices = max(first_clicks, 1)
+    """Time first clicks (encode + decode) and further clicks (decode only) on a size×size phantom.
+
+    With ``background``, also encode one more slice on the Slicer effect's
+    worker thread and measure how late a 10 ms timer on the main (GUI) thread
+    fires meanwhile, then the first click on that prefetched slice.
+    """
+    timed_slices = max(first_clicks, 1)
+    slices = timed_slices + (1 if background else 0)  # one more for the background encode
     matrix = make_ijk_to_ras(spacing=(0.7, 0.7, 1.5), origin=(-180.0, -180.0, 0.0))
     centre = matrix[:3, :3] @ np.array([size / 2, size / 2, slices / 2]) + matrix[:3, 3]
     organ = Ellipsoid(tuple(centre), (60.0, 45.0, 200.0), 60.0)
@@ -83,7 +90,7 @@ def run_benchmark(
             session.add_point(object_id, slice_point(k, dx, dy), positive=positive)
 
     first_ms = []
-    for k in range(slices):
+    for k in range(timed_slices):
         object_id = session.add_object()
         synchronize()
         started = time.perf_counter()
@@ -105,7 +112,12 @@ def run_benchmark(
         synchronize()
         next_ms.append((time.perf_counter() - started) * 1000)
 
+    extra: dict = {}
+    if background:
+        extra = _background_figures(session, slices - 1, lambda k: click(session.add_object(), k, 0.0, 0.0, True))
+
     result = {
+        **extra,
         "model": model,
         "device": engine.device,
         "random_weights": random_weights,
@@ -136,6 +148,35 @@ def run_benchmark(
     return result
 
 
+def _background_figures(session: Session, k: int, click_on_slice) -> dict:
+    from .background import BackgroundEncoder
+    from .geometry import SlicePlane
+
+    plane = SlicePlane(2, k)
+    encoder = BackgroundEncoder(session)
+    try:
+        encoder.request([plane])
+        gaps, last = [], time.perf_counter()
+        while True:
+            time.sleep(0.01)  # the GUI's event loop, stood in for by a 10 ms timer
+            now = time.perf_counter()
+            gaps.append((now - last) * 1000)
+            last = now
+            if encoder.is_ready(plane) or encoder.failure(plane):
+                break
+        started = time.perf_counter()
+        click_on_slice(k)
+        prefetched_ms = (time.perf_counter() - started) * 1000
+    finally:
+        encoder.stop()
+    return {
+        "gui_tick_ms_p50_during_encode": round(_percentile(gaps, 50), 1),
+        "gui_tick_ms_max_during_encode": round(max(gaps), 1),
+        "gui_ticks_during_encode": len(gaps),
+        "click_on_prefetched_slice_ms": round(prefetched_ms, 1),
+    }
+
+
 def format_report(result: dict) -> str:
     rows, cols = result["image_size"]
     weights = " (random weights)" if result["random_weights"] else ""
@@ -149,4 +190,11 @@ def format_report(result: dict) -> str:
         + (f", {result['peak_gpu_mb']} MiB GPU" if "peak_gpu_mb" in result else ""),
         f"  model load:                    {result['load_ms']:.0f} ms",
     ]
+    if "gui_tick_ms_max_during_encode" in result:
+        lines += [
+            "  GUI thread while encoding:     10 ms timer fired after "
+            f"p50 {result['gui_tick_ms_p50_during_encode']} ms, worst {result['gui_tick_ms_max_during_encode']} ms "
+            f"({result['gui_ticks_during_encode']} ticks)",
+            f"  first click, prefetched slice: {result['click_on_prefetched_slice_ms']:.1f} ms",
+        ]
     return "\n".join(lines)

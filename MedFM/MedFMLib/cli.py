@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", type=int, default=512, help="slice size in pixels (default 512)")
     bench.add_argument("--first-clicks", type=int, default=3, help="first clicks to time (each encodes a slice)")
     bench.add_argument("--clicks", type=int, default=20, help="further clicks to time")
+    bench.add_argument("--background", action="store_true", help="also measure encoding on the effect's worker thread")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
 
     demo = commands.add_parser("demo", help="segment a generated sample volume and write the result")
@@ -240,6 +241,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         size=args.size,
         first_clicks=args.first_clicks,
         further_clicks=args.clicks,
+        background=args.background,
     )
     print(json.dumps(result) if args.json else format_report(result))
     return 0

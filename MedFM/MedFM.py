@@ -110,8 +110,7 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        configureStoreFromSettings()
-        self.logic = MedFMLogic()
+        self.logic = MedFMLogic()  # configures the store from the settings
 
         self.ui.deviceSelector.addItems(DEVICES)
         self.ui.intensitySelector.addItems(INTENSITIES)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .cache import EmbeddingCache
-from .errors import ModelError, PromptError
+from .errors import PromptError
 from .geometry import ViewLike
 from .intensity import Window, preset_window
 from .mrml import ensure_segment, volume_from_node, window_from_node, write_segment
@@ -133,11 +133,3 @@ class SegmentationLogic:
             source_volume_node=volumeNode,
         )
         return segmentId
-
-    def checkModelForPrompts(self, modelName: str, hasPoints: bool, hasBox: bool) -> None:
-        """Refuse prompts a model does not take (MedSAM takes a box only)."""
-        prompts = self.store.info(modelName).prompts
-        if hasPoints and "point" not in prompts:
-            raise ModelError(f"{modelName} takes only a box; draw a box instead of points.")
-        if hasBox and "box" not in prompts:
-            raise ModelError(f"{modelName} does not take a box; click points instead.")

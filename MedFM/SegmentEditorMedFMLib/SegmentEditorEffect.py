@@ -238,12 +238,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
             end = self.scriptedEffect.xyToRas(callerInteractor.GetEventPosition(), viewWidget)
             start, self.boxStart = self.boxStart, None
-            set_roi_corners(self.roiNode, start, end, thickness_mm=self._sliceSpacing(self.boxView))
+            set_roi_corners(self.roiNode, start, end, thickness_mm=self._sliceSpacing())
             self.requestSync()
             return True
         return False
 
-    def _sliceSpacing(self, sliceNode):
+    def _sliceSpacing(self):
         volumeNode = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
         return min(volumeNode.GetSpacing()) if volumeNode else 1.0
 
@@ -362,7 +362,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def decodeNow(self):
         from MedFMLib.errors import MedFMError
-        from MedFMLib.mrml import set_segment_mask
 
         try:
             _, rejected = self.sync.sync(self.positiveNode, self.negativeNode)
@@ -376,8 +375,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             node = slicer.mrmlScene.GetNodeByID(item.node_id)
             node.RemoveNthControlPoint(node.GetNthControlPointIndexByID(item.point_id))
         self.setStatus(rejected[-1].message if rejected else "")
-        set_segment_mask(self.previewNode, self.previewSegmentId, self.previewMask(), self.session.volume)
+        self.refreshPreview()
         self.colourPreview()
+
+    def refreshPreview(self):
+        from MedFMLib.mrml import set_segment_mask
+
+        set_segment_mask(self.previewNode, self.previewSegmentId, self.previewMask(), self.session.volume)
 
     def colourPreview(self):
         segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
@@ -404,10 +408,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.afterHistoryChange()
 
     def afterHistoryChange(self):
-        from MedFMLib.mrml import set_segment_mask
-
+        """Redraw the markups and the preview from the session."""
         self.sync.rebuild(self.positiveNode, self.negativeNode, self.roiNode)
-        set_segment_mask(self.previewNode, self.previewSegmentId, self.previewMask(), self.session.volume)
+        self.refreshPreview()
 
     def onClear(self):
         if self.session is not None:
@@ -446,7 +449,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def resetPrompts(self):
         from MedFMLib.interactive import PromptSync
-        from MedFMLib.mrml import set_segment_mask
 
         if hasattr(self, "pollTimer"):
             self.pollTimer.stop()
@@ -454,5 +456,4 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.session.remove_object(self.objectId)
             self.objectId = self.session.add_object()
             self.sync = PromptSync(self.session, self.objectId)
-            self.sync.rebuild(self.positiveNode, self.negativeNode, self.roiNode)
-            set_segment_mask(self.previewNode, self.previewSegmentId, self.previewMask(), self.session.volume)
+            self.afterHistoryChange()

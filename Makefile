@@ -1,6 +1,6 @@
 # Two commands for a fresh machine; each creates .venv itself:
 #   make demo   segment a generated sample volume (no model download, no torch needed)
-#   make test   ruff and the whole pytest suite (installs torch and segment-anything)
+#   make test   ruff and the whole pytest suite (installs torch, segment-anything and sam2)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,8 +13,9 @@ $(VENV)/.base: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# sam2's optional CUDA extension is skipped: MedFM does its own hole filling.
 $(VENV)/.full: $(VENV)/.base
-	$(PY) -m pip install -q -e ".[sam,test]"
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q -e ".[sam,sam2,test]"
 	touch $@
 
 demo: $(VENV)/.base

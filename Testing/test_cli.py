@@ -173,7 +173,7 @@ BAD_INPUTS = {
     ),
     "bad window": (["segment", "{input}", "--window", "0,40", "--point", "{centre}", "--out", "{out}"], "width"),
     "bad preset": (["segment", "{input}", "--preset", "liver", "--point", "{centre}", "--out", "{out}"], "preset"),
-    "box across slices": (["segment", "{input}", "--box", "{box3d}", "--out", "{out}"], "different slices"),
+    "3D box outside the volume": (["segment", "{input}", "--box", "{box3d}", "--out", "{out}"], "outside the volume"),
     "offline": (
         ["segment", "{input}", "--model", "sam_vit_b", "--point", "{centre}", "--out", "{out}"],
         "Download failed",
@@ -191,7 +191,7 @@ def test_bad_input_gives_one_clear_line(case, sphere_file, tmp_path):
     text = tmp_path / "notes.nrrd"
     text.write_text("hello")
     ijk = volume.ras_to_ijk_points(centre)
-    box3d = np.concatenate([volume.ijk_to_ras_points(ijk - 3), volume.ijk_to_ras_points(ijk + 3)])
+    box3d = np.concatenate([volume.ijk_to_ras_points(ijk - 1000), volume.ijk_to_ras_points(ijk - 990)])
     values = {
         "missing": tmp_path / "missing.nrrd",
         "text": text,

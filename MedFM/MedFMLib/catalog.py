@@ -33,6 +33,8 @@ class ModelInfo:
     preprocessing: str = "sam"
     #: hyper-parameters of a SAM architecture that is not built in (a custom or small model)
     sam_architecture: dict | None = None
+    #: Hydra overrides on the sam2 package's config for ``arch`` (a resized or small SAM 2, e.g. MedSAM2 at 512)
+    sam2_overrides: tuple[str, ...] = ()
     #: where the authors publish the checkpoint; None if no direct download exists
     url: str | None = None
     filename: str | None = None
@@ -52,6 +54,7 @@ def _parse_entry(entry: dict) -> ModelInfo:
     fields = set(ModelInfo.__dataclass_fields__)
     values = {k: v for k, v in entry.items() if k in fields}
     values["prompts"] = tuple(values.get("prompts", ()))
+    values["sam2_overrides"] = tuple(values.get("sam2_overrides") or ())
     return ModelInfo(**values)
 
 

@@ -61,7 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--view", default="axial", choices=["axial", "coronal", "sagittal"])
     segment.add_argument("--point", action="append", default=[], metavar="R,A,S", help="positive point")
     segment.add_argument("--negative", action="append", default=[], metavar="R,A,S", help="negative point")
-    segment.add_argument("--box", metavar="R1,A1,S1,R2,A2,S2", help="box: two opposite corners on one slice")
+    segment.add_argument(
+        "--box",
+        metavar="R1,A1,S1,R2,A2,S2",
+        help="box: two opposite corners; on one slice a 2D box, on different slices a 3D box segmented slice by slice",
+    )
+    segment.add_argument(
+        "--propagate",
+        nargs="?",
+        const="both",
+        choices=["both", "forward", "backward"],
+        help="carry the prompted slices' masks through the volume (default when given: both)",
+    )
+    segment.add_argument("--min-score", type=float, help="propagation stops below this model confidence (default 0.5)")
+    segment.add_argument("--keep-connected", action="store_true", help="keep only the 3D parts the prompts touch")
+    segment.add_argument("--fill-holes", action="store_true", help="fill holes in each slice")
     intensity = segment.add_mutually_exclusive_group()
     intensity.add_argument("--window", metavar="W,L", help="intensity window width and level")
     intensity.add_argument("--preset", help="CT window preset: soft_tissue, lung, bone, brain")
@@ -96,9 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .engines import create_engine
     from .intensity import parse_window
     from .io import SegmentData, output_kind, read_volume, write_output
+    from .postprocess import fill_holes, keep_touching_components
+    from .propagation import PropagationOptions
     from .session import Session
 
     output_kind(args.out)  # fail on a bad output name before any slow work
@@ -118,13 +136,29 @@ def cmd_segment(args: argparse.Namespace) -> int:
     engine = create_engine(args.model, checkpoint=args.checkpoint, device=args.device, progress=ProgressBar())
     session = Session(volume, engine, window=window)
     object_id = session.add_object(args.name)
-    if box is not None:
+    options = PropagationOptions()
+    if args.min_score is not None:
+        options = replace(options, criteria=replace(options.criteria, min_score=args.min_score))
+    if box is not None and spans_slices(volume, box[:3], box[3:], args.view):
+        session.set_roi(object_id, [box[:3], box[3:]], view=args.view, options=options)
+        report_propagation(session, object_id)
+    elif box is not None:
         session.set_box(object_id, box[:3], box[3:], view=args.view)
     for point in points:
         session.add_point(object_id, point, positive=True, view=args.view)
     for point in negatives:
         session.add_point(object_id, point, positive=False, view=args.view)
+    if args.propagate:
+        progress = SliceProgress()
+        result = session.propagate(object_id, args.propagate, view=args.view, options=options, progress=progress)
+        progress.finish()
+        for line in result.describe():
+            print(f"propagated {line}", file=sys.stderr)
     mask = session.mask(object_id)
+    if args.keep_connected:
+        mask = keep_touching_components(mask, session.prompt_seeds(object_id))
+    if args.fill_holes:
+        mask = fill_holes(mask, axis=session.propagation_axis(object_id, args.view))
     obj = session.objects[object_id]
     written = write_output(args.out, [SegmentData(obj.name, mask, obj.color)], volume)
     voxel_ml = abs(np.linalg.det(volume.ijk_to_ras[:3, :3])) / 1000.0
@@ -133,6 +167,39 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if count == 0:
         print("medfm: warning: the mask is empty; try another point or a box.", file=sys.stderr)
     return 0
+
+
+def spans_slices(volume, corner_a, corner_b, view: str) -> bool:
+    """Whether two box corners lie on different slices of the view: then the box is a 3D box."""
+    from .geometry import resolve_axis
+
+    axis = resolve_axis(volume.ijk_to_ras, view)
+    ijk = volume.ras_to_ijk_points(np.array([corner_a, corner_b]))
+    return int(np.rint(ijk[0, axis])) != int(np.rint(ijk[1, axis]))
+
+
+def report_propagation(session, object_id: int) -> None:
+    slices = sum(1 for s in session.objects[object_id].slices.values() if s.mask is not None and s.mask.any())
+    print(f"3D box: segmented {slices} slices from its middle slice outwards", file=sys.stderr)
+
+
+class SliceProgress:
+    """Propagation progress on one stderr line."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stderr
+
+        self.shown = False
+
+    def __call__(self, done: int, total: int, plane) -> None:
+        if self.stream.isatty():
+            self.stream.write(f"\rpropagating: {done}/{total} slices (at slice {plane.index})")
+            self.stream.flush()
+            self.shown = True
+
+    def finish(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
 
 
 class ProgressBar:

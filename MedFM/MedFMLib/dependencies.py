@@ -31,7 +31,20 @@ ENGINE_REQUIREMENTS: dict[str, tuple[Requirement, ...]] = {
     "classic": (Requirement("SimpleITK", "SimpleITK", ">=2.2"),),
     # segment-anything declares no dependencies beyond torch/torchvision; --no-deps keeps pip away from torch.
     "sam": (TORCH, TORCHVISION, Requirement("segment_anything", "segment-anything", ">=1.0")),
-    "sam2": (TORCH, TORCHVISION, Requirement("sam2", "sam2", ">=1.0")),
+    # sam2 is installed with --no-deps too (its torch>=2.5.1 pin must not replace Slicer's torch), so its
+    # pure-Python dependencies are listed here.
+    "sam2": (
+        TORCH,
+        TORCHVISION,
+        Requirement("hydra", "hydra-core", ">=1.3.2"),
+        Requirement("omegaconf", "omegaconf", ">=2.3"),
+        Requirement("antlr4", "antlr4-python3-runtime", "==4.9.*"),
+        Requirement("iopath", "iopath", ">=0.1.10"),
+        Requirement("portalocker", "portalocker"),
+        Requirement("tqdm", "tqdm", ">=4.66.1"),
+        Requirement("yaml", "PyYAML"),
+        Requirement("sam2", "sam2", ">=1.0"),
+    ),
 }
 
 

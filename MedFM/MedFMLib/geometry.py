@@ -153,3 +153,70 @@ def box_on_plane(
     xy = plane.ijk_to_xy(np.stack([volume.ras_to_ijk_points(corner_a), ijk_b]))
     box = np.concatenate([xy.min(axis=0), xy.max(axis=0)])
     return plane, box
+
+
+# --------------------------------------------------------------------------- 3D boxes (ROIs)
+# Corners are ordered as itertools.product((0, 1), repeat=3) over the box's own
+# three edge directions, as a markups ROI's corners are; two corners are joined
+# by an edge when their indices differ in exactly one bit.
+_BOX_EDGES = [(a, b) for a in range(8) for b in range(a + 1, 8) if bin(a ^ b).count("1") == 1]
+
+
+def box_corners(corner_a: Sequence[float], corner_b: Sequence[float]) -> np.ndarray:
+    """The eight RAS corners (8, 3) of the RAS-aligned box spanned by two opposite corners."""
+    low = np.minimum(np.asarray(corner_a, dtype=np.float64), np.asarray(corner_b, dtype=np.float64))
+    high = np.maximum(np.asarray(corner_a, dtype=np.float64), np.asarray(corner_b, dtype=np.float64))
+    return np.array(
+        [
+            [(low, high)[bx][0], (low, high)[by][1], (low, high)[bz][2]]
+            for bx, by, bz in itertools.product((0, 1), repeat=3)
+        ]
+    )
+
+
+def _roi_ijk(volume: Volume, corners_ras: np.ndarray) -> np.ndarray:
+    corners = np.asarray(corners_ras, dtype=np.float64)
+    if corners.shape != (8, 3) or not np.all(np.isfinite(corners)):
+        raise PromptError("A 3D box needs eight finite RAS corners (or two opposite ones).")
+    return volume.ras_to_ijk_points(corners)
+
+
+def roi_slice_range(volume: Volume, corners_ras: np.ndarray, axis: int) -> tuple[int, int]:
+    """First and last slice index along ``axis`` that the 3D box reaches, within the volume."""
+    ijk = _roi_ijk(volume, corners_ras)
+    count = volume.dimensions[axis]
+    first = int(np.ceil(ijk[:, axis].min() - 0.5))
+    last = int(np.floor(ijk[:, axis].max() + 0.5))
+    first, last = max(first, 0), min(last, count - 1)
+    if first > last:
+        raise PromptError(f"The 3D box lies outside the volume along IJK axis {'IJK'[axis]}; draw it over the image.")
+    return first, last
+
+
+def roi_footprint(volume: Volume, corners_ras: np.ndarray, plane: SlicePlane) -> np.ndarray | None:
+    """The 2D box (x0, y0, x1, y1) that a 3D box covers on one slice, cut to the image; None if it misses.
+
+    The box may be rotated against the volume: its section with the slice is the
+    polygon where its edges cross the plane, and the footprint is that polygon's
+    bounding box in the slice's pixel axes.
+    """
+    ijk = _roi_ijk(volume, corners_ras)
+    values = ijk[:, plane.axis]
+    # A slice within half a voxel of the box's face still belongs to it (see roi_slice_range).
+    level = float(np.clip(plane.index, values.min(), values.max()))
+    if abs(level - plane.index) > 0.5:
+        return None
+    crossings = [ijk[i] for i in range(8) if abs(values[i] - level) < 1e-9]
+    for a, b in _BOX_EDGES:
+        if (values[a] - level) * (values[b] - level) < 0:
+            t = (level - values[a]) / (values[b] - values[a])
+            crossings.append(ijk[a] + t * (ijk[b] - ijk[a]))
+    if not crossings:
+        return None
+    xy = plane.ijk_to_xy(np.array(crossings))
+    rows, cols = plane.shape(volume)
+    low = np.clip(xy.min(axis=0), 0.0, [cols - 1, rows - 1])
+    high = np.clip(xy.max(axis=0), 0.0, [cols - 1, rows - 1])
+    if np.any(xy.max(axis=0) < 0) or np.any(xy.min(axis=0) > [cols - 1, rows - 1]):
+        return None
+    return np.concatenate([low, high]).astype(np.float32)

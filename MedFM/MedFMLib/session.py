@@ -24,13 +24,18 @@ from .errors import PromptError
 from .geometry import (
     SlicePlane,
     ViewLike,
+    box_corners,
     box_on_plane,
     extract_slice,
     plane_through,
     point_on_plane,
+    resolve_axis,
+    roi_footprint,
+    roi_slice_range,
     write_slice,
 )
 from .intensity import Window, resolve_window
+from .propagation import BOTH, PropagationOptions, PropagationResult, Propagator
 from .resample import isotropic_shape, resize_linear
 from .volume import Volume
 
@@ -62,9 +67,19 @@ class BoxPrompt:
     corner_b: tuple[float, float, float]
 
 
+#: how a slice got its mask
+USER, ROI, PROPAGATED = "user", "roi", "propagated"
+
+
 @dataclass(frozen=True, eq=False)
 class SliceState:
-    """The prompts of one object on one plane, and the mask they produced."""
+    """The prompts of one object on one plane, and the mask they produced.
+
+    ``points`` and ``box`` are what the user placed. A slice reached by
+    propagation (or the middle slice of a 3D box) also has ``carried`` prompts,
+    in the slice's own pixel coordinates, and ``carried_logits``, the
+    neighbour's low-resolution logits given to the model as a mask prompt.
+    """
 
     plane: SlicePlane
     points: tuple[PointPrompt, ...] = ()
@@ -72,10 +87,25 @@ class SliceState:
     mask: np.ndarray | None = None
     logits: np.ndarray | None = None
     score: float = 0.0
+    carried: Prompts2D | None = None
+    carried_logits: np.ndarray | None = None
+    origin: str = USER
+    #: the eight RAS corners of the 3D box this slice was seeded from (its middle slice only)
+    roi_corners: np.ndarray | None = None
 
     @property
     def has_prompts(self) -> bool:
+        """Whether the user placed a prompt on this slice."""
         return bool(self.points) or self.box is not None
+
+    @property
+    def has_any_prompt(self) -> bool:
+        return self.has_prompts or self.carried is not None
+
+    @property
+    def is_anchor(self) -> bool:
+        """A slice the user prompted or corrected, or a 3D box's seed: propagation never overwrites it."""
+        return self.has_prompts or self.origin == ROI
 
 
 @dataclass
@@ -103,6 +133,26 @@ class _Change:
     plane: SlicePlane
     before: SliceState | None
     after: SliceState | None
+
+
+class SliceFrames:
+    """The slices along one axis as a sequence of frames, for engines that track through them (SAM 2)."""
+
+    def __init__(self, session: Session, axis: int) -> None:
+        self.session = session
+        self.axis = axis
+        self.count = session.volume.dimensions[axis]
+        self.image_shape = session.model_image_shape(SlicePlane(axis, 0))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def image(self, index: int) -> np.ndarray:
+        return self.session.model_image(SlicePlane(self.axis, index))
+
+    def embedding(self, index: int) -> Embedding:
+        """Encoded once, through the session's cache, shared with clicks on the same slice."""
+        return self.session.embedding(SlicePlane(self.axis, index))
 
 
 def _as_ras(point: Sequence[float]) -> tuple[float, float, float]:
@@ -264,6 +314,140 @@ class Session:
         changes = [_Change(object_id, plane, state, None) for plane, state in obj.slices.items()]
         return self._commit(changes) if changes else []
 
+    # ------------------------------------------------------------ 3D
+    def set_roi(
+        self,
+        object_id: int,
+        corners: Sequence[Sequence[float]],
+        view: ViewLike = "axial",
+        propagate: bool = True,
+        options: PropagationOptions | None = None,
+    ) -> list[SliceUpdate]:
+        """Segment every slice a 3D box spans: two opposite RAS corners, or the eight of a rotated ROI.
+
+        As MedSAM does, the box's middle slice is segmented first with the box's
+        footprint as its prompt; propagation then carries the mask outwards and
+        stops at the box's first and last slice. The whole is one undo step.
+        """
+        obj = self._object(object_id)
+        corners = np.asarray(corners, dtype=np.float64)
+        if corners.shape == (2, 3):
+            corners = box_corners(corners[0], corners[1])
+        axis = resolve_axis(self.volume.ijk_to_ras, view)
+        first, last = roi_slice_range(self.volume, corners, axis)
+        plane = SlicePlane(axis, (first + last) // 2)
+        footprint = roi_footprint(self.volume, corners, plane)
+        if footprint is None:
+            raise PromptError("The 3D box misses its own middle slice; draw it over the image.")
+        changes = [
+            _Change(object_id, p, s, None)
+            for p, s in obj.slices.items()
+            if s.roi_corners is not None or (p.axis == axis and s.origin == PROPAGATED and not s.has_prompts)
+        ]
+        seed = SliceState(plane, carried=Prompts2D(box=footprint), origin=ROI, roi_corners=corners)
+        changes.append(_Change(object_id, plane, obj.slices.get(plane), self._predict(seed)))
+        if propagate:
+            # Plan the walks on the session as it will be once the seed is in.
+            saved = dict(obj.slices)
+            for change in changes:
+                if change.after is None:
+                    obj.slices.pop(change.plane, None)
+                else:
+                    obj.slices[change.plane] = change.after
+            try:
+                result = Propagator(self, object_id, axis, options).run(BOTH)
+            finally:
+                obj.slices.clear()
+                obj.slices.update(saved)
+            changes.extend(_Change(object_id, p, obj.slices.get(p), s) for p, s in result.states.items())
+        return self._commit(changes)
+
+    def roi(self, object_id: int) -> np.ndarray | None:
+        """The eight RAS corners of the object's 3D box, if it has one."""
+        return next((s.roi_corners for s in self._object(object_id).slices.values() if s.roi_corners is not None), None)
+
+    def propagate(
+        self,
+        object_id: int,
+        direction: str = "both",
+        view: ViewLike | None = None,
+        start: int | None = None,
+        until_converged: bool = False,
+        options: PropagationOptions | None = None,
+        progress=None,
+        cancel=None,
+    ) -> PropagationResult:
+        """Propagate an object through the volume and apply the result (one undo step).
+
+        ``view`` picks the axis; by default it is the axis of the most recently
+        prompted slice. For a worker thread, use ``Propagator`` and
+        ``apply_propagation`` instead, so that the session changes on one thread.
+        """
+        axis = self.propagation_axis(object_id, view)
+        result = Propagator(self, object_id, axis, options).run(direction, start, until_converged, progress, cancel)
+        self.apply_propagation(result)
+        return result
+
+    def repropagate(self, object_id: int, plane: SlicePlane, options: PropagationOptions | None = None):
+        """After a correction on ``plane``: propagate from it, both ways, only as far as the change matters.
+
+        Only slices that earlier propagation filled are revisited; a walk ends
+        where the new result agrees with the old one, or at the next anchor.
+        """
+        obj = self._object(object_id)
+        state = obj.slices.get(plane)
+        propagated = [
+            p for p, s in obj.slices.items() if p.axis == plane.axis and s.origin == PROPAGATED and not s.is_anchor
+        ]
+        if state is None or state.mask is None or not state.mask.any() or not propagated:
+            return PropagationResult(object_id, plane.axis)
+        result = Propagator(self, object_id, plane.axis, options).run(BOTH, start=plane.index, until_converged=True)
+        self.apply_propagation(result)
+        return result
+
+    def propagation_axis(self, object_id: int, view: ViewLike | None = None) -> int:
+        if view is not None:
+            return resolve_axis(self.volume.ijk_to_ras, view)
+        prompted = [s for s in self._object(object_id).slices.values() if s.is_anchor]
+        if not prompted:
+            raise PromptError("Nothing to propagate yet: segment one slice first (a click or a box), then propagate.")
+        newest = max(prompted, key=lambda s: max([p.id for p in s.points] + [s.box.id if s.box else 0]))
+        return newest.plane.axis
+
+    def apply_propagation(self, result: PropagationResult) -> list[SliceUpdate]:
+        """Write a propagation's slices into the object, as one undo step; anchors are never replaced."""
+        obj = self._object(result.object_id)
+        changes = []
+        for plane, state in result.states.items():
+            before = obj.slices.get(plane)
+            if before is not None and before.is_anchor:
+                continue  # the user changed this slice while the propagation ran
+            changes.append(_Change(result.object_id, plane, before, state))
+        return self._commit(changes) if changes else []
+
+    def prompt_seeds(self, object_id: int) -> np.ndarray:
+        """Voxels the user vouched for, (K, J, I) bool: positive points, and anchor slices that have none.
+
+        What ``postprocess.keep_touching_components`` keeps: the parts of the
+        object these voxels touch.
+        """
+        seeds = np.zeros(self.volume.array.shape, dtype=bool)
+        for state in self._object(object_id).slices.values():
+            positives = [p for p in state.points if p.positive]
+            for point in positives:
+                ijk = np.clip(
+                    np.rint(self.volume.ras_to_ijk_points(point.ras)), 0, np.array(self.volume.dimensions) - 1
+                )
+                seeds[int(ijk[2]), int(ijk[1]), int(ijk[0])] = True
+            if state.is_anchor and not positives and state.mask is not None:
+                plane_seeds = extract_slice(seeds, state.plane)
+                plane_seeds |= state.mask
+        return seeds
+
+    def frames(self, axis: int) -> SliceFrames:
+        """The slices along one axis as an engine with memory sees them: images and cached embeddings."""
+        return SliceFrames(self, axis)
+
     # ------------------------------------------------------------- undo, redo
     @property
     def can_undo(self) -> bool:
@@ -319,12 +503,21 @@ class Session:
         return self.embedding_key(plane) in self.cache
 
     def slice_prompts(self, state: SliceState) -> Prompts2D:
-        """A state's prompts in the pixel coordinates of the engine's image."""
+        """A state's prompts in the pixel coordinates of the engine's image.
+
+        The user's prompts come first; carried prompts fill in, and the user's
+        box replaces a carried one.
+        """
         points = [point_on_plane(self.volume, state.plane, p.ras) for p in state.points]
         labels = [1 if p.positive else 0 for p in state.points]
         box = None
         if state.box is not None:
             _, box = box_on_plane(self.volume, state.box.corner_a, state.box.corner_b, state.plane.axis)
+        if state.carried is not None:
+            points.extend(state.carried.points)
+            labels.extend(int(label) for label in state.carried.labels)
+            if box is None:
+                box = state.carried.box
         prompts = Prompts2D(np.array(points, np.float32).reshape(-1, 2), labels, box)
         rows, cols = state.plane.shape(self.volume)
         model_rows, model_cols = self.model_image_shape(state.plane)
@@ -350,17 +543,25 @@ class Session:
 
     def _predict(self, state: SliceState, refine_from: SliceState | None = None) -> SliceState | None:
         """Decode a state's prompts; None when no prompt is left on the plane."""
-        if not state.has_prompts:
+        if not state.has_any_prompt:
             return None
-        previous = refine_from.logits if refine_from is not None and refine_from.has_prompts else None
+        if refine_from is not None and refine_from.has_any_prompt:
+            previous = refine_from.logits
+        else:
+            previous = state.carried_logits
         prompts = self.slice_prompts(state)
         self.engine.check_prompts(prompts)
         prediction = self.engine.decode(self.embedding(state.plane), prompts, previous)
-        mask = np.asarray(prediction.mask, dtype=bool)
-        slice_shape = state.plane.shape(self.volume)
+        mask = self.to_slice_grid(state.plane, prediction.mask)
+        return replace(state, mask=mask, logits=prediction.low_res_logits, score=prediction.score)
+
+    def to_slice_grid(self, plane: SlicePlane, mask: np.ndarray) -> np.ndarray:
+        """A mask on the engine's image of a plane, back on the slice's own pixel grid."""
+        mask = np.asarray(mask, dtype=bool)
+        slice_shape = plane.shape(self.volume)
         if mask.shape != slice_shape:
             mask = resize_linear(mask.astype(np.float32), slice_shape) >= 0.5
-        return replace(state, mask=mask, logits=prediction.low_res_logits, score=prediction.score)
+        return mask
 
     def _commit(self, changes: list[_Change]) -> list[SliceUpdate]:
         updates = [self._apply(c.object_id, c.plane, c.after) for c in changes]

@@ -1,9 +1,10 @@
 """Tiny real models for tests and Slicer's self-test.
 
-A SAM small enough to run in milliseconds on a CPU, built from
-segment-anything's own classes and saved as the official checkpoints are (a
-bare state dict), with a catalog file that registers it. Only the sizes
-differ from the real models.
+A SAM and a SAM 2 small enough to run in milliseconds on a CPU, built from
+segment-anything's and sam2's own classes and saved as the official
+checkpoints are (SAM: a bare state dict; SAM 2: ``{"model": state_dict}``),
+with a catalog file that registers them. Only the sizes differ from the real
+models.
 """
 
 from __future__ import annotations
@@ -61,4 +62,56 @@ def write_tiny_sam_catalog(folder: str | Path, seed: int = 1234) -> Path:
         )
     catalog = folder / "catalog.json"
     catalog.write_text(json.dumps({"format": 1, "models": entries}))
+    return catalog
+
+
+# Hydra overrides that shrink sam2's own SAM 2.1 tiny config: a 128-pixel input,
+# a narrow six-block Hiera trunk and one memory-attention layer.
+TINY_SAM2_OVERRIDES = [
+    "++model.image_size=128",
+    "++model.image_encoder.trunk.embed_dim=8",
+    "++model.image_encoder.trunk.num_heads=1",
+    "++model.image_encoder.trunk.stages=[1,2,2,1]",
+    "++model.image_encoder.trunk.global_att_blocks=[2,4]",
+    "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
+    "++model.image_encoder.neck.backbone_channel_list=[64,32,16,8]",
+    "++model.memory_attention.num_layers=1",
+    "++model.memory_attention.layer.dim_feedforward=64",
+    "++model.memory_attention.layer.self_attention.feat_sizes=[8,8]",
+    "++model.memory_attention.layer.cross_attention.feat_sizes=[8,8]",
+    "++model.memory_encoder.fuser.num_layers=1",
+]
+
+
+def write_tiny_sam2_catalog(folder: str | Path, seed: int = 1234) -> Path:
+    """Save a tiny SAM 2.1 checkpoint (``sam2_tiny.pt``) and a catalog with ``sam2_tiny``."""
+    import torch
+
+    from .engines.sam2 import build_sam2_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = build_sam2_model("sam2.1_hiera_t", TINY_SAM2_OVERRIDES)
+    with torch.no_grad():
+        for parameter in model.sam_mask_decoder.parameters():
+            parameter.mul_(3.0)
+        # Random weights would call the object absent on every slice; say it is present, so masks vary.
+        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(8.0)
+    torch.save({"model": model.state_dict()}, folder / "sam2_tiny.pt")
+    entry = {
+        "name": "sam2_tiny",
+        "engine": "sam2",
+        "arch": "sam2.1_hiera_t",
+        "task": "general",
+        "prompts": ["point", "box", "mask"],
+        "input_size": 128,
+        "license": "Apache-2.0",
+        "commercial_use": True,
+        "homepage": "https://example.invalid/tests",
+        "filename": "sam2_tiny.pt",
+        "sam2_overrides": TINY_SAM2_OVERRIDES,
+    }
+    catalog = folder / "catalog.json"
+    catalog.write_text(json.dumps({"format": 1, "models": [entry]}))
     return catalog

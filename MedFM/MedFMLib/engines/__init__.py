@@ -42,6 +42,8 @@ def create_engine(
         from .classic import ClassicEngine
 
         return ClassicEngine()
+    if info.engine == "sam2":
+        return _create_sam2_engine(info, checkpoint, device, random_weights, seed, store, progress)
     if info.engine != "sam":
         raise ModelError(f"Model '{model}' needs the '{info.engine}' engine, which this MedFM does not have.")
     try:
@@ -83,3 +85,25 @@ def create_engine(
         weights_id=weights_id,
         prompt_types=info.prompts,
     )
+
+
+def _create_sam2_engine(info, checkpoint, device, random_weights, seed, store, progress) -> Engine:
+    try:
+        import sam2  # noqa: F401
+        import torch
+    except ImportError as exc:
+        raise ModelError(
+            f"Model '{info.name}' needs PyTorch and sam2 ({exc.name} is missing); "
+            "install them with: pip install 'medfm[sam2]'"
+        ) from None
+    from .sam2 import Sam2Engine, build_sam2_model, load_sam2_model
+
+    resolved = resolve_device(device)
+    if random_weights:
+        torch.manual_seed(seed)
+        network, weights_id = build_sam2_model(info.arch, info.sam2_overrides), f"random{seed}"
+    else:
+        checkpoint = Path(checkpoint) if checkpoint is not None else store.checkpoint(info.name, progress=progress)
+        network = load_sam2_model(info.arch, checkpoint, info.sam2_overrides, model_name=info.name)
+        weights_id = _weights_id(checkpoint)
+    return Sam2Engine(network, model_name=info.name, device=resolved, weights_id=weights_id, prompt_types=info.prompts)

@@ -1,0 +1,367 @@
+"""Carry a segmentation from its prompted slices through the volume.
+
+Propagation walks slice by slice along one IJK axis, away from each *anchor*
+(a slice the user prompted or corrected, or the middle slice of a 3D box).
+Each new slice is prompted from the one before: the previous mask's bounding
+box (with a margin), a point deep inside the previous mask, and the previous
+low-resolution logits as a mask prompt, each as the engine takes them. An
+engine with a memory of earlier frames (SAM 2) tracks instead, conditioned on
+every anchor.
+
+A walk stops where the object ends (its area collapses), where the model
+loses confidence, where the new mask stops overlapping the previous one or
+suddenly grows (a leak), at a 3D box's last slice, at the volume's edge, or at
+the next anchor: anchors are never overwritten. Between two anchors each one
+fills the slices nearer to it.
+
+The computation only reads the session, so it can run on a worker thread; the
+result is applied afterwards, as one undoable step, by ``Session.apply_propagation``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .engines.base import Prompts2D
+from .errors import PromptError
+from .geometry import SlicePlane, roi_footprint, roi_slice_range
+
+FORWARD, BACKWARD, BOTH = "forward", "backward", "both"
+DIRECTIONS = (BOTH, FORWARD, BACKWARD)
+
+#: why a walk stopped, and how to say it
+STOP_REASONS = {
+    "end": "the object ended (its area fell below the minimum)",
+    "collapse": "the object's area collapsed",
+    "quality": "the model's confidence dropped",
+    "overlap": "the overlap with the previous slice dropped",
+    "growth": "the area grew too fast (a leak)",
+    "roi": "it reached the end of the 3D box",
+    "edge": "it reached the edge of the volume",
+    "anchor": "it reached a slice you prompted or corrected",
+    "converged": "the result matched the earlier propagation again",
+    "cancelled": "it was cancelled",
+}
+
+
+@dataclass(frozen=True)
+class StopCriteria:
+    """When a walk decides that the object has ended or the model lost it."""
+
+    #: fewer pixels than this: the object ended
+    min_area_pixels: int = 4
+    #: less than this fraction of the previous slice's area: the area collapsed
+    min_area_ratio: float = 0.15
+    #: the model's own quality estimate (SAM's predicted IoU, SAM 2's object presence) below this
+    min_score: float = 0.5
+    #: shared pixels over the smaller of the two masks below this: lost the object
+    min_overlap: float = 0.5
+    #: more than this times the previous area, plus ``growth_allowance_pixels``: a leak
+    max_area_ratio: float = 2.5
+    growth_allowance_pixels: int = 50
+
+
+@dataclass(frozen=True)
+class PropagationOptions:
+    criteria: StopCriteria = field(default_factory=StopCriteria)
+    #: prompt each slice with the previous mask's bounding box, grown by this many pixels and this fraction
+    use_box: bool = True
+    box_margin_pixels: float = 3.0
+    box_margin_fraction: float = 0.1
+    #: a positive point at the deepest pixel of the previous mask (engines that take points)
+    use_point: bool = True
+    #: the previous slice's low-resolution logits as a mask prompt (engines that return them)
+    use_mask: bool = True
+    #: use the engine's memory across slices where it has one (SAM 2)
+    use_memory: bool = True
+    #: after a correction: stop once a slice agrees with its earlier result to this Dice
+    converge_dice: float = 0.97
+
+
+@dataclass(frozen=True)
+class Walk:
+    """One walk from an anchor: the slices ``start + step``, … up to ``limit`` (inclusive)."""
+
+    start: int
+    step: int
+    limit: int
+    #: why the walk ends at ``limit`` if nothing stops it before
+    limit_reason: str
+
+    @property
+    def length(self) -> int:
+        return max(0, (self.limit - self.start) * self.step)
+
+
+@dataclass
+class PropagationResult:
+    """New states per plane (None: the plane's propagated mask is removed) and why each walk stopped."""
+
+    object_id: int
+    axis: int
+    states: dict = field(default_factory=dict)
+    #: (start index, "forward"|"backward", reason key, index of the last slice written)
+    stops: list[tuple[int, str, str, int]] = field(default_factory=list)
+
+    @property
+    def slices_written(self) -> int:
+        return sum(1 for state in self.states.values() if state is not None)
+
+    def describe(self) -> list[str]:
+        lines = []
+        for start, direction, reason, last in self.stops:
+            lines.append(f"from slice {start} {direction}: stopped after slice {last}: {STOP_REASONS[reason]}")
+        return lines
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
+
+
+def stop_reason(previous: np.ndarray, mask: np.ndarray, score: float, criteria: StopCriteria) -> str | None:
+    """The reason to stop at a slice whose mask is ``mask``, given the previous slice's; None to go on."""
+    area, previous_area = int(mask.sum()), int(previous.sum())
+    if area < criteria.min_area_pixels:
+        return "end"
+    if area < criteria.min_area_ratio * previous_area:
+        return "collapse"
+    if score < criteria.min_score:
+        return "quality"
+    overlap = float(np.logical_and(mask, previous).sum()) / max(1, min(area, previous_area))
+    if overlap < criteria.min_overlap:
+        return "overlap"
+    if area > criteria.max_area_ratio * previous_area + criteria.growth_allowance_pixels:
+        return "growth"
+    return None
+
+
+def deepest_point(mask: np.ndarray) -> tuple[float, float]:
+    """The pixel (x, y) farthest from the mask's border: a positive point that stays inside a shrinking object."""
+    import SimpleITK as sitk
+
+    padded = np.pad(mask, 1).astype(np.uint8)
+    distance = sitk.GetArrayViewFromImage(
+        sitk.SignedMaurerDistanceMap(
+            sitk.GetImageFromArray(padded), insideIsPositive=True, squaredDistance=False, useImageSpacing=False
+        )
+    )
+    row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return float(col - 1), float(row - 1)
+
+
+def carried_prompts(
+    previous_mask: np.ndarray, options: PropagationOptions, prompt_types: tuple[str, ...], bound: np.ndarray | None
+) -> Prompts2D:
+    """Prompts for the next slice from the previous slice's mask, in slice pixel coordinates."""
+    rows, cols = previous_mask.shape
+    ys, xs = np.nonzero(previous_mask)
+    box = None
+    if options.use_box and "box" in prompt_types:
+        x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+        margin_x = options.box_margin_pixels + options.box_margin_fraction * (x1 - x0 + 1)
+        margin_y = options.box_margin_pixels + options.box_margin_fraction * (y1 - y0 + 1)
+        box = np.array(
+            [
+                max(0.0, x0 - margin_x),
+                max(0.0, y0 - margin_y),
+                min(cols - 1.0, x1 + margin_x),
+                min(rows - 1.0, y1 + margin_y),
+            ],
+            dtype=np.float32,
+        )
+        if bound is not None:  # a 3D box is a hard limit
+            box = np.concatenate([np.maximum(box[:2], bound[:2]), np.minimum(box[2:], bound[2:])])
+            box[2:] = np.maximum(box[2:], box[:2])
+    points = np.zeros((0, 2), np.float32)
+    if (options.use_point and "point" in prompt_types) or box is None:
+        points = np.array([deepest_point(previous_mask)], np.float32)
+    return Prompts2D(points, np.ones(len(points), np.int32), box)
+
+
+class Propagator:
+    """Plans and runs the walks of one propagation on a session (read-only: see ``Session.apply_propagation``)."""
+
+    def __init__(self, session, object_id: int, axis: int, options: PropagationOptions | None = None) -> None:
+        self.session = session
+        self.object = session._object(object_id)
+        self.axis = axis
+        self.options = options or PropagationOptions()
+        self.count = session.volume.dimensions[axis]
+        self.roi = self._roi()
+
+    # ------------------------------------------------------------------ plan
+    def _roi(self) -> tuple[np.ndarray, int, int] | None:
+        for state in self.object.slices.values():
+            if state.roi_corners is not None and state.plane.axis == self.axis:
+                first, last = roi_slice_range(self.session.volume, state.roi_corners, self.axis)
+                return state.roi_corners, first, last
+        return None
+
+    def anchors(self) -> list[int]:
+        return sorted(
+            plane.index
+            for plane, state in self.object.slices.items()
+            if plane.axis == self.axis and state.is_anchor and state.mask is not None and state.mask.any()
+        )
+
+    def plan(self, direction: str = BOTH, start: int | None = None) -> list[Walk]:
+        """The walks: from ``start`` only (a correction), or from every anchor on the axis."""
+        if direction not in DIRECTIONS:
+            raise PromptError(f"Propagate {direction!r}? Use one of: {', '.join(DIRECTIONS)}.")
+        anchors = self.anchors()
+        if start is not None:
+            state = self.object.slices.get(SlicePlane(self.axis, start))
+            if state is None or state.mask is None or not state.mask.any():
+                raise PromptError(f"Slice {start} has no segmentation to propagate from; segment it first.")
+            starts, halfway = [start], False
+        else:
+            if not anchors:
+                raise PromptError(
+                    "Nothing to propagate yet: segment one slice first (a click or a box), then propagate."
+                )
+            starts, halfway = anchors, direction == BOTH
+        low, high = (0, self.count - 1) if self.roi is None else (self.roi[1], self.roi[2])
+        walks = []
+        for index in starts:
+            for step, name in ((1, FORWARD), (-1, BACKWARD)):
+                if direction not in (BOTH, name):
+                    continue
+                bound, reason = (
+                    (high, "roi" if self.roi is not None else "edge")
+                    if step > 0
+                    else (low, "roi" if self.roi is not None else "edge")
+                )
+                beyond = [a for a in anchors if (a - index) * step > 0]
+                if beyond:
+                    nearest = min(beyond, key=lambda a: abs(a - index))
+                    # Between two anchors each fills the slices nearer to it.
+                    gap = abs(nearest - index)
+                    stop = index + step * (gap // 2 if step > 0 else (gap - 1) // 2) if halfway else nearest - step
+                    if (stop - bound) * step <= 0:
+                        bound, reason = stop, "anchor"
+                if (bound - index) * step > 0:
+                    walks.append(Walk(index, step, bound, reason))
+        return walks
+
+    # ------------------------------------------------------------------- run
+    def run(
+        self,
+        direction: str = BOTH,
+        start: int | None = None,
+        until_converged: bool = False,
+        progress: Callable[[int, int, SlicePlane], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> PropagationResult:
+        walks = self.plan(direction, start)
+        result = PropagationResult(self.object.id, self.axis)
+        total, done = sum(w.length for w in walks), 0
+        tracking = self.options.use_memory and getattr(self.session.engine, "tracks_with_memory", False)
+        for walk in walks:
+            steps = self._track(walk) if tracking else self._step_2d(walk)
+            reason, last = walk.limit_reason, walk.start
+            for plane, state in steps:
+                if cancel is not None and cancel():
+                    reason = "cancelled"
+                    break
+                previous = (
+                    result.states.get(SlicePlane(self.axis, last)) or self.object.slices[SlicePlane(self.axis, last)]
+                )
+                why = stop_reason(previous.mask, state.mask, state.score, self.options.criteria)
+                if why is not None:
+                    reason = why
+                    self._clear_beyond(result, walk, plane.index)
+                    break
+                old = self.object.slices.get(plane)
+                result.states[plane] = state
+                last = plane.index
+                done += 1
+                if progress is not None:
+                    progress(done, total, plane)
+                if (
+                    until_converged
+                    and old is not None
+                    and old.mask is not None
+                    and dice(old.mask, state.mask) >= self.options.converge_dice
+                ):
+                    reason = "converged"
+                    break
+            if isinstance(steps, Iterator):
+                steps.close()
+            result.stops.append((walk.start, FORWARD if walk.step > 0 else BACKWARD, reason, last))
+            if reason == "cancelled":
+                break
+        return result
+
+    def _clear_beyond(self, result: PropagationResult, walk: Walk, first: int) -> None:
+        """After a stop, earlier propagated slices further along this walk belong to an object that has ended."""
+        for index in range(first, walk.limit + walk.step, walk.step):
+            plane = SlicePlane(self.axis, index)
+            state = self.object.slices.get(plane)
+            if state is not None and not state.is_anchor:
+                result.states[plane] = None
+
+    def _footprint(self, plane: SlicePlane) -> np.ndarray | None:
+        return None if self.roi is None else roi_footprint(self.session.volume, self.roi[0], plane)
+
+    def _step_2d(self, walk: Walk) -> Iterator[tuple[SlicePlane, object]]:
+        """Slice-by-slice prompting for image models (SAM, MedSAM, classic)."""
+        from .session import PROPAGATED, SliceState
+
+        previous = self.object.slices[SlicePlane(self.axis, walk.start)]
+        prompt_types = self.session.engine.prompt_types
+        for index in range(walk.start + walk.step, walk.limit + walk.step, walk.step):
+            plane = SlicePlane(self.axis, index)
+            prompts = carried_prompts(previous.mask, self.options, prompt_types, self._footprint(plane))
+            state = SliceState(
+                plane,
+                carried=prompts,
+                carried_logits=previous.logits if self.options.use_mask else None,
+                origin=PROPAGATED,
+            )
+            state = self.session._predict(state)
+            yield plane, state
+            previous = state
+
+    def _track(self, walk: Walk) -> Iterator[tuple[SlicePlane, object]]:
+        """Memory-based tracking (SAM 2), conditioned on every anchor of the axis."""
+        from .session import PROPAGATED, SliceState
+
+        session = self.session
+        conditioning = {index: self.object.slices[SlicePlane(self.axis, index)].mask for index in self.anchors()}
+        if walk.start not in conditioning:  # a propagated slice chosen as the start
+            conditioning[walk.start] = self.object.slices[SlicePlane(self.axis, walk.start)].mask
+        frames = session.frames(self.axis)
+        for index, prediction in session.engine.track(frames, conditioning, walk.start, walk.step, walk.limit):
+            plane = SlicePlane(self.axis, index)
+            mask = session.to_slice_grid(plane, prediction.mask)
+            footprint = self._footprint(plane)
+            if footprint is not None:
+                mask = mask & _box_mask(mask.shape, footprint)
+            # The mask's own box and centre ride along, so that a correction click there refines this result.
+            carried = (
+                carried_prompts(mask, self.options, session.engine.prompt_types, footprint) if mask.any() else None
+            )
+            yield (
+                plane,
+                SliceState(
+                    plane,
+                    mask=mask,
+                    score=prediction.score,
+                    logits=prediction.low_res_logits,
+                    carried=carried,
+                    origin=PROPAGATED,
+                ),
+            )
+
+
+def _box_mask(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
+    rows, cols = shape
+    keep = np.zeros(shape, dtype=bool)
+    x0, y0 = int(np.floor(box[0] + 0.5)), int(np.floor(box[1] + 0.5))
+    x1, y1 = int(np.ceil(box[2] - 0.5)), int(np.ceil(box[3] - 0.5))
+    keep[max(0, y0) : min(rows, y1 + 1), max(0, x0) : min(cols, x1 + 1)] = True
+    return keep

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from MedFMLib.phantoms import Ellipsoid, make_ijk_to_ras, render
-from MedFMLib.testing import write_tiny_sam_catalog
+from MedFMLib.testing import write_tiny_sam2_catalog, write_tiny_sam_catalog
 
 GEOMETRIES = {
     # name: (spacing, origin, rotation in degrees, axis signs)
@@ -46,6 +46,19 @@ def geometry(request) -> str:
 def tiny_sam_catalog(tmp_path_factory) -> Path:
     """A catalog file with tiny SAM and MedSAM models, and their checkpoint saved as the official files are."""
     return write_tiny_sam_catalog(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sam2_catalog(tmp_path_factory) -> Path:
+    """A catalog file with a tiny SAM 2.1, its checkpoint saved as the official files are ({"model": ...})."""
+    return write_tiny_sam2_catalog(tmp_path_factory.mktemp("tiny_sam2"))
+
+
+@pytest.fixture
+def tiny_sam2(tiny_sam2_catalog, monkeypatch) -> Path:
+    """Activates the tiny SAM 2 catalog; returns the checkpoint path."""
+    monkeypatch.setenv("MEDFM_CATALOG", str(tiny_sam2_catalog))
+    return tiny_sam2_catalog.parent / "sam2_tiny.pt"
 
 
 @pytest.fixture

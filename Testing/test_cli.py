@@ -185,6 +185,39 @@ BAD_INPUTS = {
 }
 
 
+def read_mask(path: Path) -> np.ndarray:
+    """The first segment of a .seg.nrrd on the input's grid, as a (K, J, I) bool array."""
+    return np.transpose(slicerio.read_segmentation(str(path))["voxels"], (2, 1, 0)) > 0
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("view", ["axial", "sagittal"])
+def test_segment_propagate_gives_the_whole_sphere(sphere_file, tmp_path, view):
+    path, volume, sphere, centre = sphere_file
+    out = tmp_path / "sphere3d.seg.nrrd"
+    result = run("segment", path, "--view", view, "--point", coords(centre), "--propagate", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "propagated from slice" in result.stderr and "forward" in result.stderr and "backward" in result.stderr
+    assert dice(read_mask(out), sphere) >= 0.9
+    # One direction only gives about half of it.
+    result = run("segment", path, "--view", view, "--point", coords(centre), "--propagate", "forward", "--out", out)
+    assert result.returncode == 0 and "backward" not in result.stderr
+    assert 0.4 < dice(read_mask(out), sphere) < 0.85
+
+
+def test_a_box_across_slices_is_a_3d_box(sphere_file, tmp_path):
+    path, volume, sphere, centre = sphere_file
+    corners = np.concatenate([centre - 12.0, centre + 12.0])  # a RAS-aligned box around the 9 mm sphere
+    out = tmp_path / "box3d.seg.nrrd"
+    result = run("segment", path, "--box", coords(corners), "--keep-connected", "--fill-holes", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "3D box: segmented" in result.stderr
+    assert dice(read_mask(out), sphere) >= 0.9
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_gives_one_clear_line(case, sphere_file, tmp_path):
     path, volume, _, centre = sphere_file

@@ -133,3 +133,32 @@ def test_anisotropic_slices_are_resampled_to_square_pixels_and_back():
     found, truth = extract_slice(session.mask(object_id), plane), extract_slice(sphere, plane)
     dice = 2 * (found & truth).sum() / (found.sum() + truth.sum())
     assert dice > 0.95
+
+
+def test_a_rotated_3d_box_footprint_matches_sampled_points(geometry):
+    from MedFMLib.geometry import SlicePlane, roi_footprint, roi_slice_range
+    from MedFMLib.phantoms import rotation_matrix
+
+    volume, _, centre = sphere_volume(geometry)
+    signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float)
+    half = np.array([7.0, 5.0, 6.0])
+    rotation = rotation_matrix((20, -10, 35))
+    corners = centre + (signs * half) @ rotation.T
+    for axis in range(3):
+        first, last = roi_slice_range(volume, corners, axis)
+        plane = SlicePlane(axis, (first + last) // 2)
+        box = roi_footprint(volume, corners, plane)
+        # Sample the plane finely; keep the samples inside the rotated box (in the box's own frame).
+        rows, cols = plane.shape(volume)
+        y, x = np.mgrid[0 : rows - 1 : 0.05, 0 : cols - 1 : 0.05]
+        ijk = np.zeros((x.size, 3))
+        ijk[:, axis], ijk[:, plane.row_axis], ijk[:, plane.col_axis] = plane.index, y.ravel(), x.ravel()
+        local = (volume.ijk_to_ras_points(ijk) - centre) @ rotation
+        inside = np.all(np.abs(local) <= half, axis=1)
+        xs, ys = x.ravel()[inside], y.ravel()[inside]
+        np.testing.assert_allclose(
+            box, [xs.min(), ys.min(), xs.max(), ys.max()], atol=0.1
+        )  # the sampling step, diagonally
+        assert roi_footprint(volume, corners, SlicePlane(axis, first)) is not None
+        assert roi_footprint(volume, corners, SlicePlane(axis, last)) is not None
+    assert roi_footprint(volume, corners, SlicePlane(2, last + 5)) is None

@@ -144,7 +144,7 @@ def deepest_point(mask: np.ndarray) -> tuple[float, float]:
     import SimpleITK as sitk
 
     padded = np.pad(mask, 1).astype(np.uint8)
-    distance = sitk.GetArrayViewFromImage(
+    distance = sitk.GetArrayFromImage(  # a copy: a view would outlive the temporary image
         sitk.SignedMaurerDistanceMap(
             sitk.GetImageFromArray(padded), insideIsPositive=True, squaredDistance=False, useImageSpacing=False
         )

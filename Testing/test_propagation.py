@@ -1,0 +1,329 @@
+"""Propagation through the volume, 3D boxes, anchors and post-processing, on real engines and phantoms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from MedFMLib.engines import create_engine
+from MedFMLib.engines.classic import ClassicEngine
+from MedFMLib.errors import PromptError
+from MedFMLib.geometry import SlicePlane, box_corners, extract_slice, plane_through, resolve_axis
+from MedFMLib.phantoms import Ellipsoid, make_ijk_to_ras, render, rotation_matrix
+from MedFMLib.postprocess import fill_holes, keep_touching_components
+from MedFMLib.propagation import PropagationOptions, Propagator, StopCriteria, dice, stop_reason
+from MedFMLib.session import Session
+
+# Two oblique, anisotropic geometries (one LPS-like): the phantom is defined in RAS.
+OBLIQUE = {
+    "oblique": dict(spacing=(0.8, 0.9, 2.0), origin=(10.0, -20.0, 30.0), angles_deg=(10, -8, 15)),
+    "oblique_lps": dict(
+        spacing=(1.1, 0.9, 1.8), origin=(60.0, 40.0, -10.0), angles_deg=(-14, 9, -20), axis_signs=(-1, -1, 1)
+    ),
+}
+# Never stop for the object's sake: walks end only at limits (for mechanics tests on random-weight models).
+NEVER_STOP = PropagationOptions(criteria=StopCriteria(0, 0.0, -np.inf, 0.0, np.inf, 0))
+
+
+def tapering_phantom(name: str = "oblique", dims=(80, 72, 36), radii=(18.0, 13.0, 26.0)):
+    """An ellipsoid that tapers to points at both ends along the slice axis, in noise, on an oblique grid."""
+    matrix = make_ijk_to_ras(**OBLIQUE[name])
+    centre = matrix[:3, :3] @ (np.array(dims) / 2.0 + 0.3) + matrix[:3, 3]
+    volume, masks = render(dims, matrix, [Ellipsoid(tuple(centre), radii, 200.0)], noise_sd=4.0, name=name)
+    return volume, masks[0], centre
+
+
+def last_written(result, direction):
+    return next(last for _, d, _, last in result.stops if d == direction)
+
+
+def reasons(result):
+    return {direction: reason for _, direction, reason, _ in result.stops}
+
+
+@pytest.mark.parametrize("name", sorted(OBLIQUE))
+@pytest.mark.parametrize("view", ["axial", "coronal", "sagittal"])
+def test_a_click_on_the_middle_slice_gives_the_3d_ellipsoid(name, view):
+    volume, truth, centre = tapering_phantom(name)
+    session = Session(volume, ClassicEngine())
+    obj = session.add_object()
+    session.add_point(obj, centre, view=view)
+    single = session.mask(obj).copy()
+    result = session.propagate(obj)
+    assert result.axis == resolve_axis(volume.ijk_to_ras, view)
+    assert dice(single, truth) < 0.3  # one slice alone is far from the object
+    assert dice(session.mask(obj), truth) >= 0.9, result.describe()
+    # Every slice the propagation wrote lies within the object's true slice range.
+    axis = result.axis
+    true_slices = {i for i in range(volume.dimensions[axis]) if extract_slice(truth, SlicePlane(axis, i)).any()}
+    written = {p.index for p, s in result.states.items() if s is not None}
+    assert written <= true_slices and len(written) >= len(true_slices) - 4
+
+
+def test_propagation_stops_where_the_object_ends_and_undo_takes_it_back_whole():
+    volume, truth, centre = tapering_phantom()
+    session = Session(volume, ClassicEngine())
+    obj = session.add_object()
+    session.add_point(obj, centre)
+    before = session.mask(obj).copy()
+    result = session.propagate(obj)
+    axis = result.axis
+    occupied = [i for i in range(volume.dimensions[axis]) if extract_slice(truth, SlicePlane(axis, i)).any()]
+    assert abs(last_written(result, "forward") - occupied[-1]) <= 2
+    assert abs(last_written(result, "backward") - occupied[0]) <= 2
+    assert set(reasons(result).values()) <= {"end", "collapse", "growth", "overlap"}
+    assert not session.mask(obj)[: max(0, occupied[0] - 3)].any()  # nothing beyond the object's end
+    session.undo()
+    assert np.array_equal(session.mask(obj), before)
+    session.redo()
+    assert dice(session.mask(obj), truth) >= 0.9
+
+
+def test_forward_and_backward_go_one_way_only():
+    volume, truth, centre = tapering_phantom()
+    session = Session(volume, ClassicEngine())
+    obj = session.add_object()
+    update = session.add_point(obj, centre)
+    start = update.plane.index
+    result = session.propagate(obj, "forward")
+    assert [d for _, d, _, _ in result.stops] == ["forward"]
+    assert all(p.index > start for p in result.states)
+    result = session.propagate(obj, "backward")
+    assert all(p.index < start for p in result.states)
+    with pytest.raises(PromptError, match="Use one of"):
+        session.propagate(obj, "sideways")
+
+
+def test_nothing_to_propagate_is_one_clear_error():
+    volume, _, _ = tapering_phantom()
+    session = Session(volume, ClassicEngine())
+    obj = session.add_object()
+    with pytest.raises(PromptError, match="segment one slice first"):
+        session.propagate(obj, view="axial")
+
+
+def test_stop_criteria_each_reason():
+    criteria = StopCriteria()
+    previous = np.zeros((40, 40), bool)
+    previous[10:30, 10:30] = True  # 400 pixels
+    same = previous.copy()
+    assert stop_reason(previous, same, 0.9, criteria) is None
+    assert stop_reason(previous, np.zeros_like(previous), 0.9, criteria) == "end"
+    tiny = np.zeros_like(previous)
+    tiny[15:20, 15:20] = True  # 25 pixels, 6 % of the previous area
+    assert stop_reason(previous, tiny, 0.9, criteria) == "collapse"
+    assert stop_reason(previous, same, 0.2, criteria) == "quality"
+    moved = np.zeros_like(previous)
+    moved[22:40, 22:40] = True  # mostly beside the previous mask
+    assert stop_reason(previous, moved, 0.9, criteria) == "overlap"
+    leak = np.ones_like(previous)
+    assert stop_reason(previous, leak, 0.9, criteria) == "growth"
+    # A tapering end (a subset that shrinks by half) is not a stop.
+    half = np.zeros_like(previous)
+    half[13:27, 13:27] = True
+    assert stop_reason(previous, half, 0.9, criteria) is None
+
+
+def test_a_3d_box_segments_every_slice_it_spans_and_no_other():
+    volume, truth, centre = tapering_phantom()
+    session = Session(volume, ClassicEngine())
+    full = session.add_object()
+    session.set_roi(full, [centre - [24, 19, 30], centre + [24, 19, 30]])
+    assert dice(session.mask(full), truth) >= 0.9
+    # A box over the upper half of the object: only the slices it reaches, the middle one first.
+    half = session.add_object()
+    corner_a, corner_b = centre - [24, 19, 0], centre + [24, 19, 30]
+    session.set_roi(half, [corner_a, corner_b])
+    axis = resolve_axis(volume.ijk_to_ras, "axial")
+    ijk = volume.ras_to_ijk_points(box_corners(corner_a, corner_b))[:, axis]
+    first, last = int(np.ceil(ijk.min() - 0.5)), int(np.floor(ijk.max() + 0.5))
+    filled = {i for i in range(volume.dimensions[axis]) if extract_slice(session.mask(half), SlicePlane(axis, i)).any()}
+    assert filled and min(filled) >= first and max(filled) <= last
+    assert session.roi(half) is not None
+    seed = [s for s in session.objects[half].slices.values() if s.origin == "roi"]
+    assert len(seed) == 1 and seed[0].plane.index == (first + last) // 2
+    # Undo removes the whole 3D box in one step.
+    session.undo()
+    assert not session.mask(half).any() and session.roi(half) is None
+
+
+def test_a_rotated_roi_given_by_eight_corners():
+    volume, truth, centre = tapering_phantom()
+    rotation = rotation_matrix((0, 0, 25))
+    signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float)
+    corners = centre + (signs * [26, 22, 30]) @ rotation.T
+    session = Session(volume, ClassicEngine())
+    obj = session.add_object()
+    session.set_roi(obj, corners)
+    assert dice(session.mask(obj), truth) >= 0.9
+
+
+def test_a_3d_box_outside_the_volume_is_refused_and_changes_nothing():
+    volume, _, centre = tapering_phantom()
+    session = Session(volume, ClassicEngine())
+    obj = session.add_object()
+    with pytest.raises(PromptError, match="outside the volume"):
+        session.set_roi(obj, [centre + 500, centre + 520])
+    assert not session.mask(obj).any() and not session.can_undo
+
+
+def test_a_correction_is_kept_and_never_overwritten_by_later_propagation():
+    volume, truth, centre = tapering_phantom()
+    session = Session(volume, ClassicEngine())
+    obj = session.add_object()
+    start = session.add_point(obj, centre).plane
+    session.propagate(obj)
+    # Correct a propagated slice five slices up: a negative click near its edge cuts a disc out of it.
+    target = SlicePlane(start.axis, start.index + 5)
+    state = session.objects[obj].slices[target]
+    assert state.origin == "propagated" and not state.is_anchor
+    rows, cols = np.nonzero(state.mask)
+    ijk = np.zeros(3)
+    edge = np.argmax(cols)
+    ijk[target.axis], ijk[target.row_axis], ijk[target.col_axis] = target.index, rows[edge], cols[edge] - 3
+    negative = volume.ijk_to_ras_points(ijk)
+    session.add_point(obj, negative, positive=False, view=target.axis)
+    corrected = session.objects[obj].slices[target]
+    assert corrected.is_anchor and 0 < corrected.mask.sum() < state.mask.sum()
+    kept = corrected.mask.copy()
+    # Propagating again, from every anchor, both ways and each way alone, never touches it.
+    for direction in ("both", "forward", "backward"):
+        result = session.propagate(obj, direction)
+        assert target not in result.states
+        assert np.array_equal(session.objects[obj].slices[target].mask, kept)
+    # Restarting from the correction revisits only as far as the change matters.
+    result = session.repropagate(obj, target)
+    assert set(reasons(result).values()) <= {"converged", "anchor", "end", "collapse", "growth", "overlap"}
+    assert len(result.states) < len(session.objects[obj].slices) - 1
+    assert np.array_equal(session.objects[obj].slices[target].mask, kept)
+    assert dice(session.mask(obj), truth) >= 0.85
+
+
+def test_between_two_anchors_each_fills_the_slices_nearer_to_it():
+    volume, truth, centre = tapering_phantom()
+    session = Session(volume, ClassicEngine())
+    obj = session.add_object()
+    low = session.add_point(obj, centre).plane
+    axis = low.axis
+    ijk = volume.ras_to_ijk_points(centre)
+    ijk[axis] += 7
+    high = session.add_point(obj, volume.ijk_to_ras_points(ijk)).plane
+    anchors = {p: session.objects[obj].slices[p].mask.copy() for p in (low, high)}
+    walks = Propagator(session, obj, axis).plan("both")
+    covered = [i for w in walks for i in range(w.start + w.step, w.limit + w.step, w.step)]
+    assert len(covered) == len(set(covered))  # no slice is walked twice
+    assert set(range(low.index + 1, high.index)) <= set(covered)
+    session.propagate(obj)
+    for plane, mask in anchors.items():
+        assert np.array_equal(session.objects[obj].slices[plane].mask, mask)
+    assert all(extract_slice(session.mask(obj), SlicePlane(axis, i)).any() for i in range(low.index, high.index + 1))
+
+
+def test_a_slice_corrected_while_propagation_ran_is_not_replaced():
+    volume, _, centre = tapering_phantom()
+    session = Session(volume, ClassicEngine())
+    obj = session.add_object()
+    start = session.add_point(obj, centre).plane
+    result = Propagator(session, obj, start.axis).run("forward")  # as on the worker thread
+    target = SlicePlane(start.axis, start.index + 2)
+    assert target in result.states
+    ijk = volume.ras_to_ijk_points(centre)
+    ijk[start.axis] = target.index
+    session.add_point(obj, volume.ijk_to_ras_points(ijk))  # the user clicks meanwhile
+    clicked = session.objects[obj].slices[target].mask.copy()
+    session.apply_propagation(result)
+    assert np.array_equal(session.objects[obj].slices[target].mask, clicked)
+
+
+def test_cancel_and_progress():
+    volume, _, centre = tapering_phantom()
+    session = Session(volume, ClassicEngine())
+    obj = session.add_object()
+    session.add_point(obj, centre)
+    seen = []
+    result = session.propagate(
+        obj, progress=lambda done, total, plane: seen.append((done, total)), cancel=lambda: len(seen) >= 3
+    )
+    assert reasons(result) == {"forward": "cancelled"}
+    assert result.slices_written == 3 and [d for d, _ in seen] == [1, 2, 3]
+    assert seen[0][1] == volume.dimensions[result.axis] - 1  # the plan: every other slice, at most
+
+
+def test_propagation_with_tiny_sam_uses_cached_embeddings_and_its_logits(tiny_sam):
+    volume, _, centre = tapering_phantom(dims=(40, 36, 14), radii=(10.0, 8.0, 12.0))
+    engine = create_engine("sam_tiny", checkpoint=tiny_sam, device="cpu")
+    session = Session(volume, engine)
+    obj = session.add_object()
+    session.add_point(obj, centre)
+    result = session.propagate(obj, options=NEVER_STOP)
+    count = volume.dimensions[result.axis]
+    assert reasons(result) == {"forward": "edge", "backward": "edge"}
+    assert result.slices_written == count - 1
+    propagated = [s for s in result.states.values() if s is not None]
+    assert all(s.carried_logits is not None and s.carried.box is not None for s in propagated)
+    assert session.cache.stats.misses == count
+    # Propagating again costs decodes only: every slice is already encoded.
+    session.propagate(obj, options=NEVER_STOP)
+    assert session.cache.stats.misses == count
+    # A model that is never confident enough stops at once and writes nothing.
+    strict = PropagationOptions(criteria=StopCriteria(min_score=1.01))
+    result = session.propagate(obj, options=strict)
+    assert result.slices_written == 0 and "quality" in reasons(result).values()
+
+
+def test_box_only_models_are_carried_by_boxes(tiny_sam):
+    volume, _, centre = tapering_phantom(dims=(40, 36, 14), radii=(10.0, 8.0, 12.0))
+    session = Session(volume, create_engine("medsam_tiny", checkpoint=tiny_sam, device="cpu"))
+    obj = session.add_object()
+    session.set_roi(obj, [centre - [12, 10, 14], centre + [12, 10, 14]], options=NEVER_STOP)
+    states = list(session.objects[obj].slices.values())
+    assert len(states) > 3
+    assert all(s.carried is not None and s.carried.box is not None and len(s.carried.points) == 0 for s in states)
+
+
+def test_keep_touching_components_and_fill_holes():
+    mask = np.zeros((12, 20, 20), bool)
+    mask[2:6, 2:8, 2:8] = True  # touched by the seed
+    mask[7:10, 12:18, 12:18] = True  # a stray blob
+    kept = keep_touching_components(mask, [(3, 4, 4)])
+    assert kept[2:6, 2:8, 2:8].all() and not kept[7:10].any()
+    seeds = np.zeros_like(mask)
+    seeds[8, 14, 14] = True
+    assert keep_touching_components(mask, seeds)[8, 14, 14] and not keep_touching_components(mask, seeds)[3].any()
+    # No seed inside the mask: nothing is thrown away.
+    assert np.array_equal(keep_touching_components(mask, [(0, 0, 0)]), mask)
+    # A tube open at both ends: a hole on every slice across K, but no enclosed cavity in 3D.
+    tube = np.zeros((10, 20, 20), bool)
+    tube[:, 4:16, 4:16] = True
+    tube[:, 8:12, 8:12] = False
+    assert not fill_holes(tube, axis=None)[5, 10, 10]
+    assert fill_holes(tube, axis=2)[:, 8:12, 8:12].all()
+    # Across another axis the same tube has no holes to fill.
+    assert np.array_equal(fill_holes(tube, axis=0), tube)
+
+
+def test_prompt_seeds_keep_the_prompted_object():
+    matrix = make_ijk_to_ras((1.0, 1.0, 2.0), angles_deg=(0, 0, 10))
+    a = matrix[:3, :3] @ np.array([14, 20, 8]) + matrix[:3, 3]
+    b = matrix[:3, :3] @ np.array([34, 20, 8]) + matrix[:3, 3]
+    volume, masks = render(
+        (48, 40, 16), matrix, [Ellipsoid(tuple(a), (6, 6, 8), 200.0), Ellipsoid(tuple(b), (6, 6, 8), 200.0)]
+    )
+    session = Session(volume, ClassicEngine())
+    obj = session.add_object()
+    session.add_point(obj, a)
+    session.propagate(obj)
+    # Pretend a model also marked the other sphere (as real models sometimes do): post-processing removes it.
+    polluted = session.mask(obj) | masks[1]
+    cleaned = keep_touching_components(polluted, session.prompt_seeds(obj))
+    assert dice(cleaned, masks[0]) >= 0.9 and not (cleaned & masks[1]).any()
+
+
+def test_the_plane_of_a_click_is_the_start_of_its_walks():
+    volume, _, centre = tapering_phantom()
+    session = Session(volume, ClassicEngine())
+    obj = session.add_object()
+    session.add_point(obj, centre, view="coronal")
+    plane = plane_through(volume, centre, "coronal")
+    walks = Propagator(session, obj, plane.axis).plan("both")
+    assert {w.start for w in walks} == {plane.index} and {w.step for w in walks} == {1, -1}

@@ -469,3 +469,16 @@ class MedFMTest(ScriptedLoadableModuleTest):
         editorWidget.undo()
         self.assertFalse(segment_array(segmentationNode, segmentId, volume).any())
         self.delayDisplay("MedFM effect: click, preview, apply and undo work")
+        # Propagate both ways on the worker thread; the preview grows beyond the clicked slice.
+        effect.addPointPrompt(position, positive=True, sliceNode=redSliceNode)
+        effect.waitForEncoding()
+        single = effect.previewMask().copy()
+        effect.onPropagate("both")
+        effect.waitForPropagation()
+        self.assertIsNone(effect.job)
+        self.assertTrue(effect.previewMask().sum() >= single.sum())
+        if len(effect.session.objects[effect.objectId].slices) > 1:  # a random tiny model may stop at once
+            effect.onUndo()  # the whole propagation is one undo step
+            self.assertTrue(np.array_equal(effect.previewMask(), single))
+        effect.onCancel()
+        self.delayDisplay("MedFM effect: propagation and its undo work")

@@ -327,3 +327,22 @@ def test_the_plane_of_a_click_is_the_start_of_its_walks():
     plane = plane_through(volume, centre, "coronal")
     walks = Propagator(session, obj, plane.axis).plan("both")
     assert {w.start for w in walks} == {plane.index} and {w.step for w in walks} == {1, -1}
+
+
+def test_a_propagation_job_runs_on_a_worker_thread_and_can_be_stopped():
+    from MedFMLib.background import PropagationJob
+
+    volume, truth, centre = tapering_phantom()
+    session = Session(volume, ClassicEngine())
+    obj = session.add_object()
+    session.add_point(obj, centre)
+    propagator = Propagator(session, obj, session.propagation_axis(obj))
+    job = PropagationJob(lambda progress, cancelled: propagator.run("both", progress=progress, cancel=cancelled))
+    assert job.wait(60) and job.failure is None and job.done == job.result.slices_written > 0
+    session.apply_propagation(job.result)
+    assert dice(session.mask(obj), truth) >= 0.9
+    # Stopped before it starts: nothing is written; a failure is reported, not raised.
+    stopped = PropagationJob(lambda progress, cancelled: (job.cancel(), propagator.run("both", cancel=lambda: True))[1])
+    assert stopped.wait(60) and stopped.result.slices_written == 0
+    failing = PropagationJob(lambda progress, cancelled: session.plan_roi(obj, [centre + 500, centre + 520]))
+    assert failing.wait(60) and isinstance(failing.failure, PromptError)

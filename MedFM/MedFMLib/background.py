@@ -102,3 +102,42 @@ class BackgroundEncoder:
                 with self._condition:
                     self._running = None
                     self._condition.notify_all()
+
+
+class PropagationJob:
+    """Runs one propagation on a worker thread; the GUI thread polls ``done``, ``total`` and ``finished``.
+
+    ``work(progress, cancelled)`` computes and returns a
+    ``PropagationResult`` without changing the session (``Propagator.run``);
+    the GUI thread applies it with ``Session.apply_propagation`` once
+    ``finished`` is true, and must not change the session meanwhile.
+    """
+
+    def __init__(self, work) -> None:
+        self.done = 0
+        self.total = 0
+        self.result = None
+        self.failure: BaseException | None = None
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(work,), name="MedFM-propagation", daemon=True)
+        self._thread.start()
+
+    def _run(self, work) -> None:
+        try:
+            self.result = work(self._progress, self._cancel.is_set)
+        except BaseException as exc:  # reported to the GUI thread, never raised on this one
+            self.failure = exc
+
+    def _progress(self, done: int, total: int, plane) -> None:
+        self.done, self.total = done, total
+
+    @property
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return self.finished

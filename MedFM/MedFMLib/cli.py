@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--first-clicks", type=int, default=3, help="first clicks to time (each encodes a slice)")
     bench.add_argument("--clicks", type=int, default=20, help="further clicks to time")
     bench.add_argument("--background", action="store_true", help="also measure encoding on the effect's worker thread")
+    bench.add_argument(
+        "--propagate", action="store_true", help="measure propagation per slice, uncached and cached, instead"
+    )
+    bench.add_argument("--slices", type=int, default=100, help="--propagate: slices to propagate through (default 100)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
 
     demo = commands.add_parser("demo", help="segment a generated sample volume and write the result")
@@ -298,8 +302,21 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_report, run_benchmark
 
-    if args.size < 16 or args.first_clicks < 1 or args.clicks < 1:
-        raise MedFMError("--size must be at least 16, and --first-clicks and --clicks at least 1.")
+    if args.size < 16 or args.first_clicks < 1 or args.clicks < 1 or args.slices < 2:
+        raise MedFMError("--size must be at least 16, --slices at least 2, and --first-clicks and --clicks at least 1.")
+    if args.propagate:
+        from .bench_propagation import format_propagation_report, run_propagation_benchmark
+
+        result = run_propagation_benchmark(
+            args.model,
+            device=args.device,
+            checkpoint=args.checkpoint,
+            random_weights=args.random_weights,
+            size=args.size,
+            slices=args.slices,
+        )
+        print(json.dumps(result) if args.json else format_propagation_report(result))
+        return 0
     result = run_benchmark(
         args.model,
         device=args.device,

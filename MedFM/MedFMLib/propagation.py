@@ -105,6 +105,8 @@ class PropagationResult:
     states: dict = field(default_factory=dict)
     #: (start index, "forward"|"backward", reason key, index of the last slice written)
     stops: list[tuple[int, str, str, int]] = field(default_factory=list)
+    #: each written plane's state when the result was computed: a plane the user changed since is kept
+    basis: dict = field(default_factory=dict)
 
     @property
     def slices_written(self) -> int:
@@ -185,17 +187,29 @@ def carried_prompts(
 class Propagator:
     """Plans and runs the walks of one propagation on a session (read-only: see ``Session.apply_propagation``)."""
 
-    def __init__(self, session, object_id: int, axis: int, options: PropagationOptions | None = None) -> None:
+    def __init__(
+        self,
+        session,
+        object_id: int,
+        axis: int,
+        options: PropagationOptions | None = None,
+        overlay: dict | None = None,
+    ) -> None:
         self.session = session
         self.object = session._object(object_id)
+        self.object_id = object_id
         self.axis = axis
         self.options = options or PropagationOptions()
+        # The object's slices as the walks see them: ``overlay`` states (None: removed) shadow the session's,
+        # so a plan can build on changes not applied yet without touching the session.
+        merged = {**self.object.slices, **(overlay or {})}
+        self.slices = {plane: state for plane, state in merged.items() if state is not None}
         self.count = session.volume.dimensions[axis]
         self.roi = self._roi()
 
     # ------------------------------------------------------------------ plan
     def _roi(self) -> tuple[np.ndarray, int, int] | None:
-        for state in self.object.slices.values():
+        for state in self.slices.values():
             if state.roi_corners is not None and state.plane.axis == self.axis:
                 first, last = roi_slice_range(self.session.volume, state.roi_corners, self.axis)
                 return state.roi_corners, first, last
@@ -204,7 +218,7 @@ class Propagator:
     def anchors(self) -> list[int]:
         return sorted(
             plane.index
-            for plane, state in self.object.slices.items()
+            for plane, state in self.slices.items()
             if plane.axis == self.axis and state.is_anchor and state.mask is not None and state.mask.any()
         )
 
@@ -214,7 +228,7 @@ class Propagator:
             raise PromptError(f"Propagate {direction!r}? Use one of: {', '.join(DIRECTIONS)}.")
         anchors = self.anchors()
         if start is not None:
-            state = self.object.slices.get(SlicePlane(self.axis, start))
+            state = self.slices.get(SlicePlane(self.axis, start))
             if state is None or state.mask is None or not state.mask.any():
                 raise PromptError(f"Slice {start} has no segmentation to propagate from; segment it first.")
             starts, halfway = [start], False
@@ -257,7 +271,7 @@ class Propagator:
         cancel: Callable[[], bool] | None = None,
     ) -> PropagationResult:
         walks = self.plan(direction, start)
-        result = PropagationResult(self.object.id, self.axis)
+        result = PropagationResult(self.object_id, self.axis)
         total, done = sum(w.length for w in walks), 0
         tracking = self.options.use_memory and getattr(self.session.engine, "tracks_with_memory", False)
         for walk in walks:
@@ -267,16 +281,15 @@ class Propagator:
                 if cancel is not None and cancel():
                     reason = "cancelled"
                     break
-                previous = (
-                    result.states.get(SlicePlane(self.axis, last)) or self.object.slices[SlicePlane(self.axis, last)]
-                )
+                previous = result.states.get(SlicePlane(self.axis, last)) or self.slices[SlicePlane(self.axis, last)]
                 why = stop_reason(previous.mask, state.mask, state.score, self.options.criteria)
                 if why is not None:
                     reason = why
                     self._clear_beyond(result, walk, plane.index)
                     break
-                old = self.object.slices.get(plane)
+                old = self.slices.get(plane)
                 result.states[plane] = state
+                result.basis[plane] = self.object.slices.get(plane)
                 last = plane.index
                 done += 1
                 if progress is not None:
@@ -300,9 +313,10 @@ class Propagator:
         """After a stop, earlier propagated slices further along this walk belong to an object that has ended."""
         for index in range(first, walk.limit + walk.step, walk.step):
             plane = SlicePlane(self.axis, index)
-            state = self.object.slices.get(plane)
+            state = self.slices.get(plane)
             if state is not None and not state.is_anchor:
                 result.states[plane] = None
+                result.basis[plane] = self.object.slices.get(plane)
 
     def _footprint(self, plane: SlicePlane) -> np.ndarray | None:
         return None if self.roi is None else roi_footprint(self.session.volume, self.roi[0], plane)
@@ -311,7 +325,7 @@ class Propagator:
         """Slice-by-slice prompting for image models (SAM, MedSAM, classic)."""
         from .session import PROPAGATED, SliceState
 
-        previous = self.object.slices[SlicePlane(self.axis, walk.start)]
+        previous = self.slices[SlicePlane(self.axis, walk.start)]
         prompt_types = self.session.engine.prompt_types
         for index in range(walk.start + walk.step, walk.limit + walk.step, walk.step):
             plane = SlicePlane(self.axis, index)
@@ -331,9 +345,9 @@ class Propagator:
         from .session import PROPAGATED, SliceState
 
         session = self.session
-        conditioning = {index: self.object.slices[SlicePlane(self.axis, index)].mask for index in self.anchors()}
+        conditioning = {index: self.slices[SlicePlane(self.axis, index)].mask for index in self.anchors()}
         if walk.start not in conditioning:  # a propagated slice chosen as the start
-            conditioning[walk.start] = self.object.slices[SlicePlane(self.axis, walk.start)].mask
+            conditioning[walk.start] = self.slices[SlicePlane(self.axis, walk.start)].mask
         frames = session.frames(self.axis)
         for index, prediction in session.engine.track(frames, conditioning, walk.start, walk.step, walk.limit):
             plane = SlicePlane(self.axis, index)

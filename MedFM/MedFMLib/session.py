@@ -322,13 +322,28 @@ class Session:
         view: ViewLike = "axial",
         propagate: bool = True,
         options: PropagationOptions | None = None,
-    ) -> list[SliceUpdate]:
+    ) -> PropagationResult:
         """Segment every slice a 3D box spans: two opposite RAS corners, or the eight of a rotated ROI.
 
         As MedSAM does, the box's middle slice is segmented first with the box's
         footprint as its prompt; propagation then carries the mask outwards and
         stops at the box's first and last slice. The whole is one undo step.
         """
+        result = self.plan_roi(object_id, corners, view, propagate, options)
+        self.apply_propagation(result)
+        return result
+
+    def plan_roi(
+        self,
+        object_id: int,
+        corners: Sequence[Sequence[float]],
+        view: ViewLike = "axial",
+        propagate: bool = True,
+        options: PropagationOptions | None = None,
+        progress=None,
+        cancel=None,
+    ) -> PropagationResult:
+        """What ``set_roi`` does, computed without changing the session (for a worker thread)."""
         obj = self._object(object_id)
         corners = np.asarray(corners, dtype=np.float64)
         if corners.shape == (2, 3):
@@ -339,28 +354,22 @@ class Session:
         footprint = roi_footprint(self.volume, corners, plane)
         if footprint is None:
             raise PromptError("The 3D box misses its own middle slice; draw it over the image.")
-        changes = [
-            _Change(object_id, p, s, None)
-            for p, s in obj.slices.items()
-            if s.roi_corners is not None or (p.axis == axis and s.origin == PROPAGATED and not s.has_prompts)
-        ]
+        result = PropagationResult(object_id, axis)
+        # A new box replaces the old box and what was propagated along its axis.
+        for old_plane, old_state in obj.slices.items():
+            if old_state.roi_corners is not None or (old_plane.axis == axis and old_state.origin == PROPAGATED
+                                                     and not old_state.has_prompts):  # fmt: skip
+                result.states[old_plane], result.basis[old_plane] = None, old_state
         seed = SliceState(plane, carried=Prompts2D(box=footprint), origin=ROI, roi_corners=corners)
-        changes.append(_Change(object_id, plane, obj.slices.get(plane), self._predict(seed)))
+        result.states[plane], result.basis[plane] = self._predict(seed), obj.slices.get(plane)
         if propagate:
-            # Plan the walks on the session as it will be once the seed is in.
-            saved = dict(obj.slices)
-            for change in changes:
-                if change.after is None:
-                    obj.slices.pop(change.plane, None)
-                else:
-                    obj.slices[change.plane] = change.after
-            try:
-                result = Propagator(self, object_id, axis, options).run(BOTH)
-            finally:
-                obj.slices.clear()
-                obj.slices.update(saved)
-            changes.extend(_Change(object_id, p, obj.slices.get(p), s) for p, s in result.states.items())
-        return self._commit(changes)
+            walks = Propagator(self, object_id, axis, options, overlay=dict(result.states))
+            walked = walks.run(BOTH, progress=progress, cancel=cancel)
+            for walked_plane, state in walked.states.items():
+                result.states[walked_plane] = state
+                result.basis.setdefault(walked_plane, obj.slices.get(walked_plane))
+            result.stops = walked.stops
+        return result
 
     def roi(self, object_id: int) -> np.ndarray | None:
         """The eight RAS corners of the object's 3D box, if it has one."""
@@ -420,8 +429,8 @@ class Session:
         changes = []
         for plane, state in result.states.items():
             before = obj.slices.get(plane)
-            if before is not None and before.is_anchor:
-                continue  # the user changed this slice while the propagation ran
+            if before is not None and before.is_anchor and before is not result.basis.get(plane):
+                continue  # the user prompted this slice while the propagation ran
             changes.append(_Change(result.object_id, plane, before, state))
         return self._commit(changes) if changes else []
 

@@ -47,6 +47,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.boxView = None
         self.positiveNode = self.negativeNode = self.roiNode = self.previewNode = None
         self.observations = []
+        self.job = None  # a propagation running on a worker thread
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -89,6 +90,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.ui.applyButton.clicked.connect(self.onApply)
         self.ui.cancelButton.clicked.connect(self.onCancel)
         self.ui.cancelEncodingButton.clicked.connect(self.onCancelEncoding)
+        self.ui.propagateUpButton.clicked.connect(lambda: self.onPropagate("up"))
+        self.ui.propagateDownButton.clicked.connect(lambda: self.onPropagate("down"))
+        self.ui.propagateBothButton.clicked.connect(lambda: self.onPropagate("both"))
+        self.ui.propagateRoiButton.clicked.connect(self.onPropagateWithinBox)
+        self.ui.cancelPropagationButton.clicked.connect(self.onCancelPropagation)
+        self.propagationTimer = qt.QTimer()
+        self.propagationTimer.setInterval(POLL_MILLISECONDS)
+        self.propagationTimer.timeout.connect(self.onPropagationPoll)
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(POLL_MILLISECONDS)
         self.pollTimer.timeout.connect(self.onPoll)
@@ -222,6 +231,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             elif action is not None:
                 {"undo": self.onUndo, "redo": self.onRedo, "apply": self.onApply}[action]()
             return action is not None
+        if eventId == vtk.vtkCommand.LeftButtonPressEvent and self.job is not None:
+            self.setStatus("Propagating: wait for it, or stop it, before adding prompts.")
+            return True
         if eventId == vtk.vtkCommand.LeftButtonPressEvent:
             ras = self.scriptedEffect.xyToRas(callerInteractor.GetEventPosition(), viewWidget)
             if self.isNearControlPoint(ras, viewWidget):
@@ -364,7 +376,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         from MedFMLib.errors import MedFMError
 
         try:
-            _, rejected = self.sync.sync(self.positiveNode, self.negativeNode)
+            updates, rejected = self.sync.sync(self.positiveNode, self.negativeNode)
             view = self.boxView.GetSliceToRAS() if self.boxView is not None else None
             normal = [view.GetElement(row, 2) for row in range(3)] if view is not None else None
             self.sync.sync_box(self.roiNode, normal)
@@ -377,6 +389,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.setStatus(rejected[-1].message if rejected else "")
         self.refreshPreview()
         self.colourPreview()
+        self.repropagateCorrections(updates)
 
     def refreshPreview(self):
         from MedFMLib.mrml import set_segment_mask
@@ -398,12 +411,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     # ------------------------------------------------------------- commands
     def onUndo(self):
-        if self.session is not None and self.session.can_undo():
+        if self.session is not None and self.job is None and self.session.can_undo:
             self.session.undo()
             self.afterHistoryChange()
 
     def onRedo(self):
-        if self.session is not None and self.session.can_redo():
+        if self.session is not None and self.job is None and self.session.can_redo:
             self.session.redo()
             self.afterHistoryChange()
 
@@ -422,14 +435,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         from MedFMLib.errors import MedFMError
         from MedFMLib.mrml import write_segment
 
-        if self.session is None or not self.session.prompts(self.objectId):
+        if self.session is None or not self.session.objects[self.objectId].slices:
             self.setStatus("Nothing to apply: click on the object first.")
+            return
+        if self.job is not None:
+            self.setStatus("Propagating: wait for it, or stop it, before applying.")
             return
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         self.scriptedEffect.saveStateForUndo()
         try:
             write_segment(
-                self.session.mask(self.objectId),
+                self.postProcessedMask(),
                 self.session.volume,
                 parameterSetNode.GetSegmentationNode(),
                 parameterSetNode.GetSelectedSegmentID(),
@@ -443,8 +459,153 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.resetPrompts()
         self.setStatus("Applied.")
 
+    def postProcessedMask(self):
+        """The preview with the chosen clean-ups: keep the parts the prompts touch, fill holes."""
+        from MedFMLib.errors import PromptError
+        from MedFMLib.postprocess import fill_holes, keep_touching_components
+
+        mask = self.session.mask(self.objectId)
+        if self.ui.keepConnectedCheckBox.checked:
+            mask = keep_touching_components(mask, self.session.prompt_seeds(self.objectId))
+        if self.ui.fillHolesCheckBox.checked:
+            try:
+                axis = self.session.propagation_axis(self.objectId)
+            except PromptError:
+                axis = None
+            mask = fill_holes(mask, axis)
+        return mask
+
+    # ----------------------------------------------------------- propagation
+    def onPropagate(self, direction):
+        """Carry the segmentation up, down or both ways along the axis of the newest prompted slice."""
+        from MedFMLib.errors import MedFMError
+        from MedFMLib.propagation import Propagator
+
+        if self.job is not None or self.ensureSessionOrReport() is None:
+            return
+        try:
+            axis = self.session.propagation_axis(self.objectId)
+        except MedFMError as error:
+            self.setStatus(str(error))
+            return
+        if direction in ("up", "down"):
+            # "Up" is towards higher R, A or S along the patient axis this IJK axis follows most.
+            column = self.session.volume.ijk_to_ras[:3, axis]
+            increasing = column[int(np.argmax(np.abs(column)))] > 0
+            direction = "forward" if increasing == (direction == "up") else "backward"
+        propagator = Propagator(self.session, self.objectId, axis)
+        self.startPropagation(
+            lambda progress, cancelled: propagator.run(direction, progress=progress, cancel=cancelled)
+        )
+
+    def onPropagateWithinBox(self):
+        """Segment every slice the box spans, from its middle slice outwards."""
+        from MedFMLib.errors import MedFMError
+        from MedFMLib.mrml import roi_corners
+
+        if self.job is not None or self.ensureSessionOrReport() is None:
+            return
+        try:
+            corners = roi_corners(self.roiNode)
+        except MedFMError as error:
+            self.setStatus(str(error))
+            return
+        view = self.boxView.GetSliceToRAS() if self.boxView is not None else None
+        normal = [view.GetElement(row, 2) for row in range(3)] if view is not None else "axial"
+        session, objectId = self.session, self.objectId
+        self.startPropagation(
+            lambda progress, cancelled: session.plan_roi(objectId, corners, normal, progress=progress, cancel=cancelled)
+        )
+
+    def repropagateCorrections(self, updates):
+        """A click on a propagated slice: propagate again from there, only as far as the change matters."""
+        from MedFMLib.propagation import Propagator
+
+        if self.job is not None:
+            return
+        slices = self.session.objects[self.objectId].slices
+        corrected = [
+            u.plane
+            for u in updates
+            if (state := slices.get(u.plane)) is not None
+            and state.origin == "propagated"
+            and state.is_anchor
+            and state.mask is not None
+        ]
+        if corrected:
+            propagator = Propagator(self.session, self.objectId, corrected[-1].axis)
+            start = corrected[-1].index
+            self.startPropagation(
+                lambda progress, cancelled: propagator.run(
+                    "both", start=start, until_converged=True, progress=progress, cancel=cancelled
+                )
+            )
+
+    def startPropagation(self, work):
+        from MedFMLib.background import PropagationJob
+
+        if self.encoder is not None:
+            self.encoder.cancel()  # the propagation needs the device more than prefetching does
+        self.job = PropagationJob(work)
+        self.ui.propagationProgressBar.value = 0
+        self.ui.propagationProgressBar.visible = True
+        self.ui.cancelPropagationButton.visible = True
+        self.setStatus("Propagating...")
+        self.propagationTimer.start()
+
+    def onPropagationPoll(self):
+        from MedFMLib.errors import MedFMError
+        from MedFMLib.logic import isOutOfMemory
+
+        job = self.job
+        if job is None:
+            self.propagationTimer.stop()
+            return
+        self.ui.propagationProgressBar.maximum = max(1, job.total)
+        self.ui.propagationProgressBar.value = job.done
+        if not job.finished:
+            return
+        self.propagationTimer.stop()
+        self.job = None
+        self.ui.propagationProgressBar.visible = False
+        self.ui.cancelPropagationButton.visible = False
+        if job.failure is not None:
+            if isinstance(job.failure, MedFMError):
+                self.setStatus(str(job.failure))
+            elif isOutOfMemory(job.failure):
+                self.setStatus("The GPU ran out of memory while propagating; choose the CPU in the MedFM module.")
+            else:
+                self.setStatus(f"Propagation failed: {job.failure}")
+            return
+        self.session.apply_propagation(job.result)
+        self.sync.rebuild(self.positiveNode, self.negativeNode, self.roiNode)
+        self.refreshPreview()
+        self.colourPreview()
+        lines = job.result.describe()
+        self.setStatus(f"{job.result.slices_written} slices. " + " ".join(lines) if lines else "Nothing to propagate.")
+
+    def waitForPropagation(self, timeoutSeconds=300):
+        """Process events until the propagation is applied (for the self-test)."""
+        import time
+
+        deadline = time.monotonic() + timeoutSeconds
+        while self.job is not None and time.monotonic() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.01)
+
+    def onCancelPropagation(self):
+        if self.job is not None:
+            self.job.cancel()  # the slices done so far are applied; undo removes them
+
     def onCancel(self):
         """Drop prompts and preview; the segment was never touched."""
+        if self.job is not None:
+            self.job.cancel()
+            self.job.wait()
+            self.job = None
+            self.propagationTimer.stop()
+            self.ui.propagationProgressBar.visible = False
+            self.ui.cancelPropagationButton.visible = False
         self.resetPrompts()
 
     def resetPrompts(self):

@@ -38,6 +38,18 @@ def peak_rss_mb() -> float | None:
             return None
 
 
+def device_synchronizer(engine):
+    """A function that waits for the engine's GPU work to finish, so that timings include it."""
+
+    def synchronize() -> None:
+        if engine.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+
+    return synchronize
+
+
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
@@ -70,11 +82,7 @@ def run_benchmark(
     load_ms = (time.perf_counter() - started) * 1000
     session = Session(volume, engine, window=preset_window("soft_tissue"))
 
-    def synchronize() -> None:
-        if engine.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()
+    synchronize = device_synchronizer(engine)
 
     def slice_point(k: int, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
         return volume.ijk_to_ras_points(np.array([size / 2 + dx, size / 2 + dy, k]))

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from .bench import peak_rss_mb
+from .bench import device_synchronizer, peak_rss_mb
 from .engines import create_engine
 from .intensity import preset_window
 from .phantoms import Ellipsoid, make_ijk_to_ras, render
@@ -53,12 +53,7 @@ def run_propagation_benchmark(
     volume, _ = render((size, size, slices + 1), matrix, [organ], background=-100.0, noise_sd=10.0, name="bench")
     session = Session(volume, engine, window=preset_window("soft_tissue"))
 
-    def synchronize() -> None:
-        if engine.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()
-
+    synchronize = device_synchronizer(engine)
     object_id = session.add_object()
     session.add_point(object_id, centre)
     if engine.device.startswith("cuda"):

@@ -244,11 +244,8 @@ class Propagator:
             for step, name in ((1, FORWARD), (-1, BACKWARD)):
                 if direction not in (BOTH, name):
                     continue
-                bound, reason = (
-                    (high, "roi" if self.roi is not None else "edge")
-                    if step > 0
-                    else (low, "roi" if self.roi is not None else "edge")
-                )
+                bound = high if step > 0 else low
+                reason = "roi" if self.roi is not None else "edge"
                 beyond = [a for a in anchors if (a - index) * step > 0]
                 if beyond:
                     nearest = min(beyond, key=lambda a: abs(a - index))
@@ -302,8 +299,7 @@ class Propagator:
                 ):
                     reason = "converged"
                     break
-            if isinstance(steps, Iterator):
-                steps.close()
+            steps.close()
             result.stops.append((walk.start, FORWARD if walk.step > 0 else BACKWARD, reason, last))
             if reason == "cancelled":
                 break

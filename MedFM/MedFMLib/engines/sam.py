@@ -145,15 +145,21 @@ def _guess_architecture(state_dict: dict) -> str:
     return f"a SAM checkpoint with embedding width {weight.shape[0]}"
 
 
+def mismatched_weights(model, state_dict: dict) -> tuple[list[str], list[str], list[str]]:
+    """Keys of a checkpoint that do not fit a model: (missing, unexpected, wrong shape)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    return missing, unexpected, wrong_shape
+
+
 def load_sam_model(architecture_name: str, checkpoint: str | Path, model_name: str = ""):
     """Build a SAM model and load a checkpoint into it, checking keys and shapes strictly."""
     architecture = get_architecture(architecture_name)
     state_dict = read_state_dict(checkpoint)
     model = build_sam_model(architecture)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    missing, unexpected, wrong_shape = mismatched_weights(model, state_dict)
     if missing or unexpected or wrong_shape:
         raise ModelError(
             f"'{Path(checkpoint).name}' does not match {model_name or architecture_name} "
@@ -165,7 +171,41 @@ def load_sam_model(architecture_name: str, checkpoint: str | Path, model_name: s
     return model
 
 
-class SamEngine(Engine):
+class TorchEngine(Engine):
+    """What SAM and SAM 2 engines share: the model on its device, and the precision used there."""
+
+    def __init__(self, model, model_name: str, device: str, weights_id: str, prompt_types: tuple[str, ...]) -> None:
+        import torch
+
+        self.model_name = model_name
+        self.device = device
+        self.weights_id = weights_id
+        self.prompt_types = prompt_types
+        self.model = model.to(device).eval()
+        # Half precision is safe for the image encoder on a GPU (autocast keeps the
+        # numerically sensitive ops in float32); the small decoder stays float32.
+        self.autocast_dtype = None
+        if device.startswith("cuda"):
+            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.storage_dtype = torch.float16 if device != "cpu" else torch.float32
+
+    @property
+    def cache_id(self) -> str:
+        precision = "fp16" if self.autocast_dtype is not None else "fp32"
+        return f"{self.model_name}:{self.weights_id}@{self.device}/{precision}"
+
+    def autocast(self):
+        """The encoder's half-precision context on a GPU; nothing elsewhere."""
+        import contextlib
+
+        import torch
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+
+
+class SamEngine(TorchEngine):
     """A SAM-family model: ``preprocessing`` is "sam" (ViT-B/L/H) or "medsam"."""
 
     def __init__(
@@ -177,27 +217,10 @@ class SamEngine(Engine):
         weights_id: str = "",
         prompt_types: tuple[str, ...] = ("point", "box"),
     ) -> None:
-        import torch
-
         if preprocessing not in ("sam", "medsam"):
             raise ValueError(f"unknown preprocessing {preprocessing!r}")
-        self.model_name = model_name
-        self.device = device
+        super().__init__(model, model_name, device, weights_id, prompt_types)
         self.preprocessing = preprocessing
-        self.prompt_types = prompt_types
-        self.weights_id = weights_id
-        self.model = model.to(device).eval()
-        # Half precision is safe for the ViT encoder on a GPU (autocast keeps the
-        # numerically sensitive ops in float32); the small decoder stays float32.
-        self.autocast_dtype = None
-        if device.startswith("cuda"):
-            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.storage_dtype = torch.float16 if device != "cpu" else torch.float32
-
-    @property
-    def cache_id(self) -> str:
-        precision = "fp16" if self.autocast_dtype is not None else "fp32"
-        return f"{self.model_name}:{self.weights_id}@{self.device}/{precision}"
 
     @property
     def image_size(self) -> int:
@@ -236,10 +259,7 @@ class SamEngine(Engine):
             raise ValueError(f"expected a 2D image, got shape {image.shape}")
         with torch.inference_mode():
             x, input_size = self._model_input(image)
-            if self.autocast_dtype is not None:
-                with torch.autocast(device_type="cuda", dtype=self.autocast_dtype):
-                    features = self.model.image_encoder(x)
-            else:
+            with self.autocast():
                 features = self.model.image_encoder(x)
             features = features.to(self.storage_dtype).contiguous()
         return Embedding(

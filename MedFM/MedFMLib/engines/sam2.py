@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
-from .base import Embedding, Engine, Prediction, Prompts2D
-from .sam import read_state_dict
+from .base import Embedding, Prediction, Prompts2D
+from .sam import TorchEngine, mismatched_weights, read_state_dict
 
 # The normalisation the SAM 2 image encoder was trained with (ImageNet).
 _PIXEL_MEAN = (0.485, 0.456, 0.406)
@@ -68,10 +68,7 @@ def load_sam2_model(arch: str, checkpoint: str | Path, overrides: Sequence[str] 
     """Build a SAM 2 model and load a checkpoint into it, checking keys and shapes strictly."""
     state_dict = read_state_dict(checkpoint)
     model = build_sam2_model(arch, overrides)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    missing, unexpected, wrong_shape = mismatched_weights(model, state_dict)
     if missing or unexpected or wrong_shape:
         looks_like = (
             "a SAM (1) checkpoint"
@@ -112,7 +109,7 @@ class _CachedFrameFeatures(dict):
         return placeholder, self.engine.backbone_out(embedding)
 
 
-class Sam2Engine(Engine):
+class Sam2Engine(TorchEngine):
     """SAM 2 / 2.1 or MedSAM2: clicks on one slice, and tracking through the volume with memory."""
 
     tracks_with_memory = True
@@ -125,36 +122,12 @@ class Sam2Engine(Engine):
         weights_id: str = "",
         prompt_types: tuple[str, ...] = ("point", "box", "mask"),
     ) -> None:
-        import torch
-
-        self.model_name = model_name
-        self.device = device
-        self.weights_id = weights_id
-        self.prompt_types = prompt_types
-        self.model = model.to(device).eval()
-        self.autocast_dtype = None
-        if device.startswith("cuda"):
-            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.storage_dtype = torch.float16 if device != "cpu" else torch.float32
+        super().__init__(model, model_name, device, weights_id, prompt_types)
         self._position_encodings = None  # (feature shapes, encodings)
-
-    @property
-    def cache_id(self) -> str:
-        precision = "fp16" if self.autocast_dtype is not None else "fp32"
-        return f"{self.model_name}:{self.weights_id}@{self.device}/{precision}"
 
     @property
     def image_size(self) -> int:
         return int(self.model.image_size)
-
-    def _autocast(self):
-        import contextlib
-
-        import torch
-
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
 
     # ---------------------------------------------------------------- encode
     def encode(self, image: np.ndarray) -> Embedding:
@@ -171,7 +144,7 @@ class Sam2Engine(Engine):
             mean = torch.tensor(_PIXEL_MEAN).view(1, 3, 1, 1)
             std = torch.tensor(_PIXEL_STD).view(1, 3, 1, 1)
             x = ((x.clamp(0.0, 1.0).expand(1, 3, size, size) - mean) / std).to(self.device)
-            with self._autocast():
+            with self.autocast():
                 backbone_out = self.model.forward_image(x)
             features = [f.to(self.storage_dtype).contiguous() for f in backbone_out["backbone_fpn"]]
         return Embedding(
@@ -285,7 +258,7 @@ class Sam2Engine(Engine):
 
         predictor = self.model
         state = self._new_tracking_state(frames)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             for index, mask in sorted(conditioning.items()):
                 predictor.add_new_mask(
                     state, frame_idx=int(index), obj_id=1, mask=torch.as_tensor(mask, dtype=torch.bool)
@@ -295,7 +268,7 @@ class Sam2Engine(Engine):
         for index in range(start + step, limit + step, step):
             if index in outputs["cond_frame_outputs"]:
                 return
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode(), self.autocast():
                 current, low_res = predictor._run_single_frame_inference(
                     inference_state=state,
                     output_dict=outputs,

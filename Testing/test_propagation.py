@@ -346,3 +346,23 @@ def test_a_propagation_job_runs_on_a_worker_thread_and_can_be_stopped():
     assert stopped.wait(60) and stopped.result.slices_written == 0
     failing = PropagationJob(lambda progress, cancelled: session.plan_roi(obj, [centre + 500, centre + 520]))
     assert failing.wait(60) and isinstance(failing.failure, PromptError)
+
+
+def test_an_anchor_with_an_empty_mask_still_blocks_propagation():
+    from dataclasses import replace
+
+    volume, _, centre = tapering_phantom()
+    session = Session(volume, ClassicEngine())
+    obj = session.add_object()
+    start = session.add_point(obj, centre).plane
+    ijk = volume.ras_to_ijk_points(centre)
+    ijk[start.axis] += 6
+    blocked = session.add_point(obj, volume.ijk_to_ras_points(ijk)).plane
+    # The user judged the object absent there: the anchor keeps its prompt but an empty mask.
+    state = session.objects[obj].slices[blocked]
+    session.objects[obj].slices[blocked] = replace(state, mask=np.zeros_like(state.mask))
+    propagator = Propagator(session, obj, start.axis)
+    assert propagator.anchors() == [start.index, blocked.index]
+    assert propagator.anchors(with_mask=True) == [start.index]
+    walks = propagator.plan("forward")
+    assert [(w.start, w.limit, w.limit_reason) for w in walks] == [(start.index, blocked.index - 1, "anchor")]

@@ -215,11 +215,17 @@ class Propagator:
                 return state.roi_corners, first, last
         return None
 
-    def anchors(self) -> list[int]:
+    def anchors(self, with_mask: bool = False) -> list[int]:
+        """Slice indices of the anchors on the axis; ``with_mask``: only those with something to carry.
+
+        An anchor whose mask is empty (the object is not on that slice) still blocks propagation.
+        """
         return sorted(
             plane.index
             for plane, state in self.slices.items()
-            if plane.axis == self.axis and state.is_anchor and state.mask is not None and state.mask.any()
+            if plane.axis == self.axis
+            and state.is_anchor
+            and (not with_mask or (state.mask is not None and state.mask.any()))
         )
 
     def plan(self, direction: str = BOTH, start: int | None = None) -> list[Walk]:
@@ -233,11 +239,11 @@ class Propagator:
                 raise PromptError(f"Slice {start} has no segmentation to propagate from; segment it first.")
             starts, halfway = [start], False
         else:
-            if not anchors:
+            starts, halfway = self.anchors(with_mask=True), direction == BOTH
+            if not starts:
                 raise PromptError(
                     "Nothing to propagate yet: segment one slice first (a click or a box), then propagate."
                 )
-            starts, halfway = anchors, direction == BOTH
         low, high = (0, self.count - 1) if self.roi is None else (self.roi[1], self.roi[2])
         walks = []
         for index in starts:

@@ -1,6 +1,6 @@
 # Two commands for a fresh machine; each creates .venv itself:
 #   make demo   segment a generated sample volume (no model download, no torch needed)
-#   make test   ruff and the whole pytest suite (installs torch, segment-anything and sam2)
+#   make test   ruff and the whole pytest suite (installs torch, segment-anything, sam2 and the server)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,7 +15,7 @@ $(VENV)/.base: pyproject.toml
 
 # sam2's optional CUDA extension is skipped: MedFM does its own hole filling.
 $(VENV)/.full: $(VENV)/.base
-	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q -e ".[sam,sam2,test]"
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q -e ".[sam,sam2,server,test]"
 	touch $@
 
 demo: $(VENV)/.base

@@ -116,6 +116,7 @@ class PropagationJob:
     def __init__(self, work) -> None:
         self.done = 0
         self.total = 0
+        self.plane = None
         self.result = None
         self.failure: BaseException | None = None
         self._cancel = threading.Event()
@@ -129,7 +130,7 @@ class PropagationJob:
             self.failure = exc
 
     def _progress(self, done: int, total: int, plane) -> None:
-        self.done, self.total = done, total
+        self.done, self.total, self.plane = done, total, plane
 
     @property
     def finished(self) -> bool:

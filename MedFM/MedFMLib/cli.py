@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     intensity.add_argument("--window", metavar="W,L", help="intensity window width and level")
     intensity.add_argument("--preset", help="CT window preset: soft_tissue, lung, bone, brain")
     segment.add_argument("--name", default="Segment_1", help="segment name in the output")
+    _add_server_options(segment, "run the model on this MedFM server (e.g. https://gpu-server:8000)")
     segment.add_argument("--out", required=True, help="output: .seg.nrrd, .nrrd or .nii.gz")
 
     models = commands.add_parser("models", help="list, download, import, verify and remove models")
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--arch", help="import: architecture of a custom checkpoint, e.g. sam_vit_b")
     models.add_argument("--all", action="store_true", help="remove: every downloaded model")
     models.add_argument("--json", action="store_true", help="list: print JSON")
+    _add_server_options(models, "list: the models this MedFM server offers")
 
     bench = commands.add_parser("bench", help="measure click latency and memory")
     bench.add_argument("--model", default="classic")
@@ -104,6 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--slices", type=int, default=100, help="--propagate: slices to propagate through (default 100)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_server_options(bench, "compare clicks through this MedFM server with the same clicks in-process")
+
+    serve = commands.add_parser("serve", help="run a MedFM server for Slicer and the CLI (needs medfm[server])")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token", help="clients' token (default: $MEDFM_TOKEN, else one made at first start and saved)")
+    serve.add_argument("--tls-cert", help="TLS certificate (PEM); with --tls-key the server speaks HTTPS")
+    serve.add_argument("--tls-key", help="TLS private key (PEM)")
+    serve.add_argument("--models", help="comma-separated models to offer (default: classic and every downloaded one)")
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps")
+    serve.add_argument("--random-weights", action="store_true", help="full-size random-weight models (benchmarks)")
+    serve.add_argument("--session-ttl", type=float, default=1800.0, help="seconds an idle session lives (default 1800)")
+    serve.add_argument("--max-session-mb", type=int, default=4096, help="memory limit of one session (default 4096)")
+    serve.add_argument("--max-total-mb", type=int, default=16384, help="memory limit of all sessions (default 16384)")
+    serve.add_argument("--cache-mb", type=int, default=1024, help="embedding cache of each session (default 1024)")
+    serve.add_argument("--max-upload-mb", type=int, default=1024, help="largest compressed upload (default 1024)")
+    serve.add_argument("--max-batch", type=int, default=4, help="encodes batched together on the GPU (default 4)")
 
     demo = commands.add_parser("demo", help="segment a generated sample volume and write the result")
     demo.add_argument("--out-dir", default="demo_output", help="folder for the sample and the result")
@@ -111,6 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--checkpoint")
     demo.add_argument("--device", default="auto")
     return parser
+
+
+def _add_server_options(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--server", metavar="URL", help=help_text)
+    parser.add_argument("--token", help="the server's token (default: $MEDFM_TOKEN)")
+    parser.add_argument("--ca-cert", help="CA certificate of a server with its own TLS certificate (or $MEDFM_CA_CERT)")
+
+
+def connect(args: argparse.Namespace):
+    """The connection to ``--server``, checked (reachable, token accepted, same protocol)."""
+    from .client import ServerConnection
+
+    token = args.token or os.environ.get("MEDFM_TOKEN", "")
+    connection = ServerConnection(args.server, token, ca_cert=args.ca_cert or os.environ.get("MEDFM_CA_CERT"))
+    connection.check()
+    return connection
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -137,8 +172,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
         from .intensity import preset_window
 
         window = preset_window(args.preset)
-    engine = create_engine(args.model, checkpoint=args.checkpoint, device=args.device, progress=ProgressBar())
-    session = Session(volume, engine, window=window)
+    if args.server:
+        from .client import RemoteSession
+
+        if args.checkpoint:
+            raise MedFMError("--checkpoint does not apply with --server: the server has its own models.")
+        session = RemoteSession(connect(args), volume, args.model, window=window)
+        engine = session.engine
+    else:
+        engine = create_engine(args.model, checkpoint=args.checkpoint, device=args.device, progress=ProgressBar())
+        session = Session(volume, engine, window=window)
     object_id = session.add_object(args.name)
     options = PropagationOptions()
     if args.min_score is not None:
@@ -167,7 +210,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     written = write_output(args.out, [SegmentData(obj.name, mask, obj.color)], volume)
     voxel_ml = abs(np.linalg.det(volume.ijk_to_ras[:3, :3])) / 1000.0
     count = int(mask.sum())
-    print(f"wrote {written} ({count} voxels, {count * voxel_ml:.2f} mL) with {engine.model_name} on {engine.device}")
+    where = f"{engine.device} at {args.server}" if args.server else engine.device
+    print(f"wrote {written} ({count} voxels, {count * voxel_ml:.2f} mL) with {engine.model_name} on {where}")
     if count == 0:
         print("medfm: warning: the mask is empty; try another point or a box.", file=sys.stderr)
     return 0
@@ -240,6 +284,18 @@ def human_size(size_bytes: int) -> str:
 def cmd_models(args: argparse.Namespace) -> int:
     from .store import ModelStore
 
+    if args.server:
+        if args.action != "list":
+            raise MedFMError("With --server, only `medfm models list` works: the server's administrator manages them.")
+        models = connect(args).models()
+        if args.json:
+            print(json.dumps(models, indent=2))
+            return 0
+        print(f"{'NAME':<24} {'STATE':<16} {'COMMERCIAL':<10} LICENCE")
+        for info in models:
+            commercial = "yes" if info["commercial_use"] else "NO"
+            print(f"{info['name']:<24} {info['state']:<16} {commercial:<10} {info['license']}")
+        return 0
     store = ModelStore()
     if args.action == "list":
         models = store.models()
@@ -304,6 +360,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.size < 16 or args.first_clicks < 1 or args.clicks < 1 or args.slices < 2:
         raise MedFMError("--size must be at least 16, --slices at least 2, and --first-clicks and --clicks at least 1.")
+    if args.server:
+        from .bench_remote import format_remote_report, run_remote_benchmark
+
+        result = run_remote_benchmark(
+            args.server,
+            args.token or os.environ.get("MEDFM_TOKEN", ""),
+            args.model,
+            device=args.device,
+            random_weights=args.random_weights,
+            checkpoint=args.checkpoint,
+            ca_cert=args.ca_cert or os.environ.get("MEDFM_CA_CERT"),
+            size=args.size,
+            slices=args.first_clicks,
+            clicks=args.clicks,
+        )
+        print(json.dumps(result) if args.json else format_remote_report(result))
+        return 0
     if args.propagate:
         from .bench_propagation import format_propagation_report, run_propagation_benchmark
 
@@ -331,6 +404,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import check_token, load_or_create_token, serve
+    from .server.app import ServerConfig
+    from .store import ModelStore, default_home
+
+    token = args.token or os.environ.get("MEDFM_TOKEN")
+    if token:
+        token = check_token(token)
+    else:
+        token, created = load_or_create_token(default_home())
+        path = default_home() / "server_token"
+        if created:
+            print(f"MedFM server token (shown this once; saved in {path}, readable by you only):\n  {token}")
+            print("Give it to this server's users: Slicer's MedFM module (Remote server) or --token / $MEDFM_TOKEN.")
+        else:
+            print(f"Using the token saved in {path} at first start.", flush=True)
+    store = ModelStore()
+    if args.models:
+        models = [name.strip() for name in args.models.split(",") if name.strip()]
+    else:
+        models = [n for n, info in store.models().items() if not info.needs_weights or store.is_downloaded(n)]
+    if not (1 <= args.port <= 65535):
+        raise MedFMError(f"--port {args.port} is not a port number (1 to 65535).")
+    limits = (args.session_ttl, args.max_session_mb, args.max_total_mb, args.cache_mb, args.max_upload_mb)
+    if min(limits) <= 0 or args.max_batch < 1:
+        raise MedFMError("--session-ttl, the memory limits, --max-upload-mb and --max-batch must be positive.")
+    config = ServerConfig(
+        token=token,
+        models=models,
+        device=args.device,
+        random_weights=args.random_weights,
+        session_ttl_seconds=args.session_ttl,
+        max_session_mb=args.max_session_mb,
+        max_total_mb=args.max_total_mb,
+        cache_mb=args.cache_mb,
+        max_upload_mb=args.max_upload_mb,
+        max_batch=args.max_batch,
+    )
+    serve(config, host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -348,7 +463,7 @@ def _describe_unexpected(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_join_negative_coordinates(sys.argv[1:] if argv is None else argv))
-    handlers = {"segment": cmd_segment, "models": cmd_models, "bench": cmd_bench, "demo": cmd_demo}
+    handlers = {"segment": cmd_segment, "models": cmd_models, "bench": cmd_bench, "demo": cmd_demo, "serve": cmd_serve}
     if args.command is None:
         parser.print_help()
         return 2

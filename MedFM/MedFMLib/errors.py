@@ -27,3 +27,11 @@ class ModelError(MedFMError):
 
 class DeviceError(MedFMError):
     """The requested compute device is not available."""
+
+
+class RemoteError(MedFMError):
+    """A MedFM server cannot be reached, refused the token, or speaks another protocol version."""
+
+
+class ProtocolError(MedFMError):
+    """A message between a MedFM client and server is malformed or too large."""

@@ -162,7 +162,56 @@ def _as_ras(point: Sequence[float]) -> tuple[float, float, float]:
     return (float(values[0]), float(values[1]), float(values[2]))
 
 
-class Session:
+class SessionObjects:
+    """What a session's objects tell without the model: masks, prompts, the propagation axis.
+
+    Shared by :class:`Session` and the client's ``RemoteSession``, whose objects
+    mirror a server's.
+    """
+
+    volume: Volume
+    objects: dict[int, SegmentObject]
+
+    def mask(self, object_id: int) -> np.ndarray:
+        """The object's 3D mask, (K, J, I) bool, in the volume's own grid."""
+        return self._object(object_id).mask
+
+    def labelmap(self) -> np.ndarray:
+        """All objects as one (K, J, I) labelmap; label = object id, later objects on top."""
+        labels = np.zeros(self.volume.array.shape, dtype=np.uint16)
+        for obj in self.objects.values():
+            labels[obj.mask] = obj.id
+        return labels
+
+    def prompts(self, object_id: int) -> list[PointPrompt | BoxPrompt]:
+        result: list[PointPrompt | BoxPrompt] = []
+        for state in self._object(object_id).slices.values():
+            result.extend(state.points)
+            if state.box is not None:
+                result.append(state.box)
+        return result
+
+    def roi(self, object_id: int) -> np.ndarray | None:
+        """The eight RAS corners of the object's 3D box, if it has one."""
+        return next((s.roi_corners for s in self._object(object_id).slices.values() if s.roi_corners is not None), None)
+
+    def propagation_axis(self, object_id: int, view: ViewLike | None = None) -> int:
+        if view is not None:
+            return resolve_axis(self.volume.ijk_to_ras, view)
+        prompted = [s for s in self._object(object_id).slices.values() if s.is_anchor]
+        if not prompted:
+            raise PromptError("Nothing to propagate yet: segment one slice first (a click or a box), then propagate.")
+        newest = max(prompted, key=lambda s: max([p.id for p in s.points] + [s.box.id if s.box else 0]))
+        return newest.plane.axis
+
+    def _object(self, object_id: int) -> SegmentObject:
+        try:
+            return self.objects[object_id]
+        except KeyError:
+            raise PromptError(f"There is no object {object_id}; add one first.") from None
+
+
+class Session(SessionObjects):
     """Objects, prompts, undo/redo and cached embeddings for one volume and engine."""
 
     def __init__(
@@ -206,25 +255,6 @@ class Session:
         for stack in (self._undo, self._redo):
             stack[:] = [[c for c in entry if c.object_id != object_id] for entry in stack]
             stack[:] = [entry for entry in stack if entry]
-
-    def mask(self, object_id: int) -> np.ndarray:
-        """The object's 3D mask, (K, J, I) bool, in the volume's own grid."""
-        return self._object(object_id).mask
-
-    def labelmap(self) -> np.ndarray:
-        """All objects as one (K, J, I) labelmap; label = object id, later objects on top."""
-        labels = np.zeros(self.volume.array.shape, dtype=np.uint16)
-        for obj in self.objects.values():
-            labels[obj.mask] = obj.id
-        return labels
-
-    def prompts(self, object_id: int) -> list[PointPrompt | BoxPrompt]:
-        result: list[PointPrompt | BoxPrompt] = []
-        for state in self._object(object_id).slices.values():
-            result.extend(state.points)
-            if state.box is not None:
-                result.append(state.box)
-        return result
 
     # ----------------------------------------------------------------- prompts
     def add_point(
@@ -371,10 +401,6 @@ class Session:
             result.stops = walked.stops
         return result
 
-    def roi(self, object_id: int) -> np.ndarray | None:
-        """The eight RAS corners of the object's 3D box, if it has one."""
-        return next((s.roi_corners for s in self._object(object_id).slices.values() if s.roi_corners is not None), None)
-
     def propagate(
         self,
         object_id: int,
@@ -389,13 +415,27 @@ class Session:
         """Propagate an object through the volume and apply the result (one undo step).
 
         ``view`` picks the axis; by default it is the axis of the most recently
-        prompted slice. For a worker thread, use ``Propagator`` and
+        prompted slice. For a worker thread, use ``plan_propagation`` and
         ``apply_propagation`` instead, so that the session changes on one thread.
         """
-        axis = self.propagation_axis(object_id, view)
-        result = Propagator(self, object_id, axis, options).run(direction, start, until_converged, progress, cancel)
+        result = self.plan_propagation(object_id, direction, view, start, until_converged, options, progress, cancel)
         self.apply_propagation(result)
         return result
+
+    def plan_propagation(
+        self,
+        object_id: int,
+        direction: str = "both",
+        view: ViewLike | None = None,
+        start: int | None = None,
+        until_converged: bool = False,
+        options: PropagationOptions | None = None,
+        progress=None,
+        cancel=None,
+    ) -> PropagationResult:
+        """What ``propagate`` does, computed without changing the session (for a worker thread)."""
+        axis = self.propagation_axis(object_id, view)
+        return Propagator(self, object_id, axis, options).run(direction, start, until_converged, progress, cancel)
 
     def repropagate(self, object_id: int, plane: SlicePlane, options: PropagationOptions | None = None):
         """After a correction on ``plane``: propagate from it, both ways, only as far as the change matters.
@@ -413,15 +453,6 @@ class Session:
         result = Propagator(self, object_id, plane.axis, options).run(BOTH, start=plane.index, until_converged=True)
         self.apply_propagation(result)
         return result
-
-    def propagation_axis(self, object_id: int, view: ViewLike | None = None) -> int:
-        if view is not None:
-            return resolve_axis(self.volume.ijk_to_ras, view)
-        prompted = [s for s in self._object(object_id).slices.values() if s.is_anchor]
-        if not prompted:
-            raise PromptError("Nothing to propagate yet: segment one slice first (a click or a box), then propagate.")
-        newest = max(prompted, key=lambda s: max([p.id for p in s.points] + [s.box.id if s.box else 0]))
-        return newest.plane.axis
 
     def apply_propagation(self, result: PropagationResult) -> list[SliceUpdate]:
         """Write a propagation's slices into the object, as one undo step; anchors are never replaced."""
@@ -535,12 +566,6 @@ class Session:
         return prompts
 
     # --------------------------------------------------------------- internals
-    def _object(self, object_id: int) -> SegmentObject:
-        try:
-            return self.objects[object_id]
-        except KeyError:
-            raise PromptError(f"There is no object {object_id}; add one first.") from None
-
     def _find_prompt(self, obj: SegmentObject, prompt_id: int) -> tuple[SliceState, PointPrompt | BoxPrompt]:
         for state in obj.slices.values():
             for point in state.points:

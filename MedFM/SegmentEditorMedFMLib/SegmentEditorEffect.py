@@ -479,7 +479,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def onPropagate(self, direction):
         """Carry the segmentation up, down or both ways along the axis of the newest prompted slice."""
         from MedFMLib.errors import MedFMError
-        from MedFMLib.propagation import Propagator
 
         if self.job is not None or self.ensureSessionOrReport() is None:
             return
@@ -493,9 +492,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             column = self.session.volume.ijk_to_ras[:3, axis]
             increasing = column[int(np.argmax(np.abs(column)))] > 0
             direction = "forward" if increasing == (direction == "up") else "backward"
-        propagator = Propagator(self.session, self.objectId, axis)
+        # The session plans (locally, or on the server) without changing anything; the result is applied here.
+        session, objectId = self.session, self.objectId
         self.startPropagation(
-            lambda progress, cancelled: propagator.run(direction, progress=progress, cancel=cancelled)
+            lambda progress, cancelled: session.plan_propagation(
+                objectId, direction, view=axis, progress=progress, cancel=cancelled
+            )
         )
 
     def onPropagateWithinBox(self):
@@ -519,8 +521,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def repropagateCorrections(self, updates):
         """A click on a propagated slice: propagate again from there, only as far as the change matters."""
-        from MedFMLib.propagation import Propagator
-
         if self.job is not None:
             return
         slices = self.session.objects[self.objectId].slices
@@ -533,12 +533,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             and state.mask is not None
         ]
         if corrected:
-            propagator = Propagator(self.session, self.objectId, corrected[-1].axis)
-            start = corrected[-1].index
+            session, objectId, plane = self.session, self.objectId, corrected[-1]
             self.startPropagation(
-                lambda progress, cancelled: propagator.run(
-                    "both", start=start, until_converged=True, progress=progress, cancel=cancelled
-                )
+                lambda progress, cancelled: session.plan_propagation(
+                    objectId,
+                    "both",
+                    view=plane.axis,
+                    start=plane.index,
+                    until_converged=True,
+                    progress=progress,
+                    cancel=cancelled,
+                )  # fmt: skip
             )
 
     def startPropagation(self, work):

@@ -99,6 +99,10 @@ class Engine(ABC):
     def encode(self, image: np.ndarray) -> Embedding:
         """Encode a 2D float32 image with values in [0, 1] (rows, cols)."""
 
+    def encode_batch(self, images: list[np.ndarray]) -> list[Embedding]:
+        """Encode several images; engines whose network takes a batch override this to run it once."""
+        return [self.encode(image) for image in images]
+
     @abstractmethod
     def decode(self, embedding: Embedding, prompts: Prompts2D, previous_logits: np.ndarray | None = None) -> Prediction:
         """Decode prompts on an encoded image into a boolean mask of the image's shape."""

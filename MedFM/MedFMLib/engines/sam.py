@@ -253,21 +253,35 @@ class SamEngine(TorchEngine):
         return x, input_size
 
     def encode(self, image: np.ndarray) -> Embedding:
+        return self.encode_batch([image])[0]
+
+    def encode_batch(self, images: list[np.ndarray]) -> list[Embedding]:
+        """One forward pass of the image encoder over images of one shape (a server batches users' slices)."""
         import torch
 
-        if image.ndim != 2:
-            raise ValueError(f"expected a 2D image, got shape {image.shape}")
+        if any(image.ndim != 2 for image in images):
+            raise ValueError(f"expected 2D images, got shapes {[image.shape for image in images]}")
+        if len({image.shape for image in images}) > 1:
+            return [embedding for image in images for embedding in self.encode_batch([image])]
         with torch.inference_mode():
-            x, input_size = self._model_input(image)
+            inputs = [self._model_input(image) for image in images]
+            x = torch.cat([model_input for model_input, _ in inputs])
             with self.autocast():
                 features = self.model.image_encoder(x)
-            features = features.to(self.storage_dtype).contiguous()
-        return Embedding(
-            features=features,
-            image_shape=tuple(image.shape),
-            nbytes=features.numel() * features.element_size(),
-            extra={"input_size": input_size},
-        )
+            features = features.to(self.storage_dtype)
+        embeddings = []
+        for index, (image, (_, input_size)) in enumerate(zip(images, inputs)):
+            # A copy, so that each cached embedding owns its memory (a view would pin the whole batch).
+            single = features[index : index + 1].clone() if len(images) > 1 else features.contiguous()
+            embeddings.append(
+                Embedding(
+                    features=single,
+                    image_shape=tuple(image.shape),
+                    nbytes=single.numel() * single.element_size(),
+                    extra={"input_size": input_size},
+                )
+            )
+        return embeddings
 
     def decode(self, embedding: Embedding, prompts: Prompts2D, previous_logits: np.ndarray | None = None) -> Prediction:
         import torch

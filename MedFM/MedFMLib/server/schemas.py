@@ -1,0 +1,155 @@
+"""What each server call accepts, checked before anything runs (pydantic).
+
+A request that does not fit gets a 422 that names the field and the problem.
+Only the session methods listed here can be called.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..propagation import PropagationOptions, StopCriteria
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Ras = Annotated[list[Finite], Field(min_length=3, max_length=3)]
+Colour = Annotated[list[Annotated[float, Field(ge=0.0, le=1.0)]], Field(min_length=3, max_length=3)]
+# "axial"/"coronal"/"sagittal", an IJK axis, or a slice normal in RAS
+View = Union[Literal["axial", "coronal", "sagittal"], Annotated[int, Field(ge=0, le=2)], Ras]
+ObjectId = Annotated[int, Field(ge=1, lt=2**31)]
+PromptId = Annotated[int, Field(ge=1, lt=2**31)]
+Index = Annotated[int, Field(ge=0, lt=2**31)]
+MatrixRow = Annotated[list[Finite], Field(min_length=4, max_length=4)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CriteriaArgs(Strict):
+    min_area_pixels: Annotated[int, Field(ge=0)] = 4
+    min_area_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.15
+    min_score: Annotated[float, Field(ge=0.0, le=1.01)] = 0.5
+    min_overlap: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    max_area_ratio: Annotated[float, Field(ge=1.0, le=1000.0)] = 2.5
+    growth_allowance_pixels: Annotated[int, Field(ge=0)] = 50
+
+
+class OptionsArgs(Strict):
+    criteria: CriteriaArgs = CriteriaArgs()
+    use_box: bool = True
+    box_margin_pixels: Annotated[float, Field(ge=0.0, le=1000.0)] = 3.0
+    box_margin_fraction: Annotated[float, Field(ge=0.0, le=10.0)] = 0.1
+    use_point: bool = True
+    use_mask: bool = True
+    use_memory: bool = True
+    converge_dice: Annotated[float, Field(ge=0.0, le=1.0)] = 0.97
+
+    def to_options(self) -> PropagationOptions:
+        values = self.model_dump()
+        return PropagationOptions(**dict(values, criteria=StopCriteria(**values["criteria"])))
+
+
+class NoArgs(Strict):
+    pass
+
+
+class AddObject(Strict):
+    name: Optional[Annotated[str, Field(max_length=200)]] = None
+    color: Optional[Colour] = None
+
+
+class ObjectArgs(Strict):
+    object_id: ObjectId
+
+
+class AddPoint(ObjectArgs):
+    ras: Ras
+    positive: bool = True
+    view: View = "axial"
+
+
+class SetBox(ObjectArgs):
+    corner_a: Ras
+    corner_b: Ras
+    view: View = "axial"
+
+
+class MovePrompt(ObjectArgs):
+    prompt_id: PromptId
+    ras: Ras
+
+
+class MoveBox(ObjectArgs):
+    corner_a: Ras
+    corner_b: Ras
+
+
+class RemovePrompt(ObjectArgs):
+    prompt_id: PromptId
+
+
+class SetRoi(ObjectArgs):
+    corners: Annotated[list[Ras], Field(min_length=2, max_length=8)]
+    view: View = "axial"
+    propagate: bool = True
+    options: Optional[OptionsArgs] = None
+
+
+class Propagate(ObjectArgs):
+    direction: Literal["both", "forward", "backward"] = "both"
+    view: Optional[View] = None
+    start: Optional[Index] = None
+    until_converged: bool = False
+    options: Optional[OptionsArgs] = None
+
+
+class Repropagate(ObjectArgs):
+    plane: Annotated[list[Index], Field(min_length=2, max_length=2)]
+    options: Optional[OptionsArgs] = None
+
+
+class ApplyPropagation(Strict):
+    result: Annotated[int, Field(ge=1)]
+
+
+class EncodePlanes(Strict):
+    planes: Annotated[list[Annotated[list[Index], Field(min_length=2, max_length=2)]], Field(max_length=64)]
+
+
+#: the session methods a client may call, and their arguments
+METHODS: dict[str, type[Strict]] = {
+    "add_object": AddObject,
+    "remove_object": ObjectArgs,
+    "add_point": AddPoint,
+    "set_box": SetBox,
+    "move_prompt": MovePrompt,
+    "move_box": MoveBox,
+    "remove_prompt": RemovePrompt,
+    "clear_object": ObjectArgs,
+    "set_roi": SetRoi,
+    "plan_roi": SetRoi,
+    "propagate": Propagate,
+    "plan_propagation": Propagate,
+    "repropagate": Repropagate,
+    "apply_propagation": ApplyPropagation,
+    "undo": NoArgs,
+    "redo": NoArgs,
+    "prompt_seeds": ObjectArgs,
+}
+#: methods that may run as a background job with progress
+JOB_METHODS = ("plan_propagation", "plan_roi")
+
+
+class VolumeHeader(Strict):
+    """The JSON header of a volume upload (the voxels are the frame's one part)."""
+
+    model: Annotated[str, Field(min_length=1, max_length=200)]
+    ijk_to_ras: Annotated[
+        list[Annotated[list[Finite], Field(min_length=4, max_length=4)]], Field(min_length=4, max_length=4)
+    ]
+    array: dict
+    window: Optional[Annotated[list[Finite], Field(min_length=2, max_length=2)]] = None
+    isotropic: Optional[bool] = None
+    parts: list[int]

@@ -102,3 +102,102 @@ def mrml_scene():
     scene.module_logics = module_logics
     yield scene
     scene.Clear(True)
+
+
+# ------------------------------------------------------------------ servers
+SERVER_TOKEN = "test-token-0123456789abcdef"
+
+
+class ServerProcess:
+    """A real `medfm serve` process on 127.0.0.1, on a free port, logging to a file."""
+
+    def __init__(self, home: Path, args=(), token: str | None = SERVER_TOKEN, env: dict | None = None) -> None:
+        self.home, self.args, self.token, self.env = home, list(args), token, env or {}
+        self.port = _free_port()
+        self.log_path = home / f"server-{self.port}.log"
+        self.process = None
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if "--tls-cert" in self.args else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> ServerProcess:
+        import os
+        import subprocess
+        import sys
+
+        command = [sys.executable, "-m", "MedFMLib.cli", "serve", "--port", str(self.port), *self.args]
+        if self.token is not None:
+            command += ["--token", self.token]
+        env = {**os.environ, "MEDFM_HOME": str(self.home), **self.env}
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        import socket
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"server did not start:\n{self.log_text()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        if self.process is not None:
+            self.log.close()
+
+    def restart(self, wait: bool = True) -> ServerProcess:
+        """Kill it and start a new process on the same port (a server restart: every session is gone)."""
+        self.stop()
+        return self.start(wait)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def server_home(folder: Path, tiny_sam_catalog: Path | None = None) -> tuple[Path, dict]:
+    """A MEDFM_HOME for a server, with the tiny SAM checkpoint 'downloaded' into it; and the env it needs."""
+    import shutil
+
+    env = {}
+    if tiny_sam_catalog is not None:
+        (folder / "models").mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_sam_catalog.parent / "sam_tiny.pth", folder / "models" / "sam_tiny.pth")
+        env["MEDFM_CATALOG"] = str(tiny_sam_catalog)
+    return folder, env
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Starts `medfm serve` processes for a test and kills them after it."""
+    started = []
+
+    def start(args=(), home: Path | None = None, env: dict | None = None, token=SERVER_TOKEN, wait=True):
+        server = ServerProcess(home or tmp_path, args, token, env)
+        started.append(server)
+        return server.start(wait)
+
+    yield start
+    for server in started:
+        server.stop()

@@ -430,6 +430,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = (args.session_ttl, args.max_session_mb, args.max_total_mb, args.cache_mb, args.max_upload_mb)
     if min(limits) <= 0 or args.max_batch < 1:
         raise MedFMError("--session-ttl, the memory limits, --max-upload-mb and --max-batch must be positive.")
+    if not args.cache_mb < args.max_session_mb <= args.max_total_mb:
+        raise MedFMError("Give --cache-mb < --max-session-mb <= --max-total-mb: each session's cache counts in both.")
     config = ServerConfig(
         token=token,
         models=models,

@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..errors import MedFMError, ModelError, PromptError, ProtocolError, VolumeError
@@ -291,10 +292,16 @@ def create_app(config: ServerConfig, store=None):
         if request.method in ("POST", "PUT", "PATCH"):
             # Read the body here, bounded, so that a chunked upload without a length is limited too.
             body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    return error(413, "TooLarge", f"The request is larger than the {limit / 2**20:.2f} MiB allowed.")
+            try:
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        return error(
+                            413, "TooLarge", f"The request is larger than the {limit / 2**20:.2f} MiB allowed."
+                        )
+            except ClientDisconnect:
+                log.info("a client disconnected during %s %s", request.method, request.url.path)
+                return error(400, "ClientDisconnect", "The client went away before its request was complete.")
             request.state.body = bytes(body)
         try:
             response = await call_next(request)

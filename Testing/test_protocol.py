@@ -1,0 +1,102 @@
+"""The wire format: arrays round-trip exactly, and malformed or hostile payloads give one clear error."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+from MedFMLib.errors import ProtocolError
+from MedFMLib.protocol import (
+    available_codecs,
+    changed_region,
+    decode_array,
+    encode_array,
+    grow_extent,
+    pack_frame,
+    unpack_frame,
+)
+
+
+@pytest.mark.parametrize("codec", available_codecs())
+@pytest.mark.parametrize("dtype", ["bool", "uint8", "int16", "uint16", "int32", "float32", "float64"])
+def test_arrays_round_trip_exactly(codec, dtype):
+    rng = np.random.default_rng(3)
+    array = (rng.normal(size=(5, 7, 9)) * 1000).astype(dtype) if dtype != "bool" else rng.random((5, 7, 9)) > 0.5
+    meta, blob = encode_array(array, codec)
+    back = decode_array(meta, blob)
+    assert back.dtype == array.dtype and back.shape == array.shape
+    assert np.array_equal(back, array)
+    if dtype == "bool":
+        assert meta["size"] == (array.size + 7) // 8  # bit-packed before compression
+
+
+def test_both_codecs_are_available_in_the_test_environment():
+    assert available_codecs() == ["zstd", "zlib"]
+
+
+@pytest.mark.parametrize("codec", ["zstd", "zlib"])
+def test_a_payload_that_expands_beyond_its_declared_size_is_refused(codec):
+    meta, blob = encode_array(np.zeros((64, 64, 64), np.uint8), codec)
+    small = dict(meta, shape=[1, 64, 64], size=64 * 64)  # claims 4 KiB, holds 256 KiB
+    with pytest.raises(ProtocolError, match="more than the 4096 bytes declared"):
+        decode_array(small, blob)
+
+
+def test_corrupt_truncated_and_mismatched_arrays_give_one_line():
+    meta, blob = encode_array(np.arange(1000, dtype=np.int16).reshape(10, 10, 10), "zlib")
+    with pytest.raises(ProtocolError, match="corrupt"):
+        decode_array(meta, b"not zlib at all")
+    with pytest.raises(ProtocolError, match="less than"):
+        decode_array(meta, zlib.compress(b"\0" * 10))
+    with pytest.raises(ProtocolError, match="should hold 2000 bytes"):
+        decode_array(dict(meta, size=10), blob)
+    with pytest.raises(ProtocolError, match="not accepted"):
+        decode_array(dict(meta, dtype="object"), blob)
+    with pytest.raises(ProtocolError, match="non-negative integers"):
+        decode_array(dict(meta, shape=[10, -10, 10]), blob)
+    with pytest.raises(ProtocolError, match="larger than"):
+        decode_array(meta, blob, max_bytes=100)
+    with pytest.raises(ProtocolError, match="cannot be sent"):
+        encode_array(np.array(["a"], dtype=object), "zlib")
+
+
+def test_frames_round_trip_and_malformed_frames_are_refused():
+    frame = pack_frame({"model": "x"}, [b"abc", b"", b"defg"])
+    header, parts = unpack_frame(frame)
+    assert header["model"] == "x" and parts == [b"abc", b"", b"defg"]
+    with pytest.raises(ProtocolError, match="not a MedFM frame"):
+        unpack_frame(b"GET / HTTP/1.1\r\n")
+    with pytest.raises(ProtocolError, match="truncated"):
+        unpack_frame(frame[:-1])
+    with pytest.raises(ProtocolError, match="header length"):
+        unpack_frame(b"MFM1\xff\xff\xff\xff{}")
+    with pytest.raises(ProtocolError, match="not valid JSON"):
+        unpack_frame(b"MFM1\x00\x00\x00\x02{x")
+
+
+def test_changed_region_covers_every_changed_voxel():
+    """Rewriting planes changes voxels only inside the region sent to the client, whatever was there."""
+    rng = np.random.default_rng(5)
+    mask = np.zeros((12, 20, 16), dtype=bool)
+    client = mask.copy()
+    extent = None
+    for step in range(40):
+        axis = int(rng.integers(0, 3))
+        indices = sorted({int(i) for i in rng.integers(0, mask.shape[2 - axis], size=int(rng.integers(1, 4)))})
+        planes = [(axis, index) for index in indices]
+        for _, index in planes:
+            plane = np.zeros(np.delete(mask.shape, 2 - axis), dtype=bool)
+            if step % 4:
+                r0, c0 = rng.integers(0, plane.shape[0]), rng.integers(0, plane.shape[1])
+                plane[r0 : r0 + int(rng.integers(1, 6)), c0 : c0 + int(rng.integers(1, 6))] = True
+            index_tuple = [slice(None)] * 3
+            index_tuple[2 - axis] = index
+            mask[tuple(index_tuple)] = plane
+        extent = grow_extent(extent, mask, planes)
+        region = changed_region(mask, planes, extent)
+        if region is not None:
+            client[region] = mask[region]
+        assert np.array_equal(client, mask), f"step {step}"
+    assert extent is not None

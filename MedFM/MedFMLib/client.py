@@ -253,6 +253,9 @@ class RemoteSession(SessionObjects):
     """A :class:`~MedFMLib.session.Session` whose model runs on a MedFM server.
 
     Same methods, same return types; masks and prompts are mirrored here.
+    The 3D masks are exactly the server's. A slice's ``mask`` (in its
+    ``SliceState`` and ``SliceUpdate``) is that slice of the 3D mask, so where
+    slices of other views cross it, it holds their lines too.
     """
 
     def __init__(

@@ -30,7 +30,7 @@ class Strict(BaseModel):
 class CriteriaArgs(Strict):
     min_area_pixels: Annotated[int, Field(ge=0)] = 4
     min_area_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.15
-    min_score: Annotated[float, Field(ge=0.0, le=1.01)] = 0.5
+    min_score: Finite = 0.5  # a random model's predicted IoU can be negative
     min_overlap: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     max_area_ratio: Annotated[float, Field(ge=1.0, le=1000.0)] = 2.5
     growth_allowance_pixels: Annotated[int, Field(ge=0)] = 50

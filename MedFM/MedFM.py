@@ -6,6 +6,7 @@ is imported where it is used; torch and segment_anything are imported lazily
 inside MedFMLib's engines. This file is GUI glue: the work is in MedFMLib.
 """
 
+import logging
 import os
 
 import qt
@@ -116,6 +117,9 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.intensitySelector.addItems(INTENSITIES)
         self.ui.modelsFolderLineEdit.currentPath = str(self.logic.store.home)
         self.ui.catalogLineEdit.text = settingsValue("catalog")
+        self.ui.serverUrlLineEdit.text = settingsValue("serverUrl")
+        self.ui.serverTokenLineEdit.text = settingsValue("serverToken")
+        self.showServerStatus()
         self.populateModels()
 
         self.ui.modelSelector.currentTextChanged.connect(self.onModelChanged)
@@ -128,6 +132,7 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelsFolderLineEdit.currentPathChanged.connect(self.onModelsFolderChanged)
         self.ui.catalogLineEdit.editingFinished.connect(self.onCatalogChanged)
         self.ui.openSegmentEditorButton.clicked.connect(self.onOpenSegmentEditor)
+        self.ui.connectServerButton.clicked.connect(self.onConnectServer)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
@@ -150,6 +155,34 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceSelector.currentText = self._parameterNode.device
         self.ui.intensitySelector.currentText = self._parameterNode.intensity
         self.updateModelStatus()
+
+    # ----------------------------------------------------------------- server
+    def onConnectServer(self):
+        """Use the server in the URL field (checked now), or local models when the field is empty."""
+        from MedFMLib.errors import MedFMError
+
+        url, token = self.ui.serverUrlLineEdit.text.strip(), self.ui.serverTokenLineEdit.text.strip()
+        setSettingsValue("serverUrl", url)
+        setSettingsValue("serverToken", token)
+        try:
+            with slicer.util.WaitCursor():
+                self.logic.configureServer(url, token)
+        except MedFMError as error:
+            self.logic.configureServer("")
+            self.ui.serverStatusLabel.text = f"{error} Models run on this computer until then."
+            return
+        self.showServerStatus()
+        self.populateModels()
+        self.updateModelStatus()
+
+    def showServerStatus(self):
+        info = self.logic.serverInfo
+        if not self.logic.isRemote:
+            self.ui.serverStatusLabel.text = "Models run on this computer."
+            return
+        models = ", ".join(m["name"] for m in info["models"]) if info else "not asked yet"
+        version = info["version"] if info else "?"
+        self.ui.serverStatusLabel.text = f"Models run on {self.logic.serverUrl} (MedFM {version}): {models}."
 
     # ----------------------------------------------------------------- models
     def populateModels(self):
@@ -177,6 +210,11 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         name = self.ui.modelSelector.currentText
         if not name:
             return
+        if self.logic.isRemote:
+            self.showRemoteModelStatus(name)
+            return
+        for button in (self.ui.importModelButton, self.ui.deviceSelector):
+            button.enabled = True
         try:
             info = self.logic.store.info(name)
             ready = self.logic.isModelReady(name)
@@ -200,6 +238,17 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.dependenciesLabel.text = (
             f"{name} needs: {describe(missing)}." if missing else "All packages this model needs are installed."
         )
+
+    def showRemoteModelStatus(self, name):
+        """A server's model: its state there and its licence; weights and devices are the server's business."""
+        model = self.logic.serverModels().get(name, {})
+        self.ui.modelStatusLabel.text = f"on the server: {model.get('state', 'not offered')}"
+        commercial = "commercial use allowed" if model.get("commercial_use") else "NON-COMMERCIAL use only"
+        self.ui.modelLicenseLabel.text = f"{model.get('license', '?')}, {commercial}."
+        for button in (self.ui.downloadModelButton, self.ui.importModelButton, self.ui.removeModelButton,
+                       self.ui.installDependenciesButton, self.ui.deviceSelector):  # fmt: skip
+            button.enabled = False
+        self.ui.dependenciesLabel.text = "The server has what its models need."
 
     def onDownloadModel(self):
         self.downloadWithProgress(self.ui.modelSelector.currentText)
@@ -298,6 +347,7 @@ class MedFMLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         configureStoreFromSettings()
         self._core = SegmentationLogic()
+        self.configureServerFromSettings()
 
     def __getattr__(self, name):
         # Everything MedFMLib's logic offers (segment, engine, downloadModel, ...) is the module's too.
@@ -312,6 +362,16 @@ class MedFMLogic(ScriptedLoadableModuleLogic):
         from MedFMLib.logic import SegmentationLogic
 
         self._core = SegmentationLogic()
+        self.configureServerFromSettings()
+
+    def configureServerFromSettings(self):
+        """The server chosen in the module, if any (asked on first use, so that Slicer starts without waiting)."""
+        from MedFMLib.errors import MedFMError
+
+        try:
+            self._core.configureServer(settingsValue("serverUrl"), settingsValue("serverToken"), check=False)
+        except MedFMError as error:  # a malformed URL saved earlier: run locally, say why in the log
+            logging.warning(f"MedFM: {error}")
 
     def ensureDependencies(self, engineName, askConfirmation=True):
         """Install what an engine needs, after asking: torch through the PyTorch extension, the rest by pip."""
@@ -369,6 +429,27 @@ class MedFMTest(ScriptedLoadableModuleTest):
         self.test_EffectIsRegistered()
         self.setUp()
         self.test_EffectFlowWithTinyModel()
+        self.setUp()
+        self.test_RemoteServerSection()
+
+    def test_RemoteServerSection(self):
+        """A server that cannot be reached is reported in the panel, and models stay local."""
+        slicer.util.selectModule("MedFM")
+        widget = slicer.modules.medfm.widgetRepresentation().self()
+        saved = {key: settingsValue(key) for key in ("serverUrl", "serverToken")}
+        try:
+            widget.ui.serverUrlLineEdit.text = "http://127.0.0.1:9"  # the discard port: nothing listens
+            widget.ui.serverTokenLineEdit.text = "a-token-of-sixteen-chars"
+            widget.ui.connectServerButton.click()
+            self.assertIn("Cannot reach the MedFM server", widget.ui.serverStatusLabel.text)
+            self.assertFalse(widget.logic.isRemote)
+            widget.ui.serverUrlLineEdit.text = ""
+            widget.ui.connectServerButton.click()
+            self.assertEqual(widget.ui.serverStatusLabel.text, "Models run on this computer.")
+        finally:
+            for key, value in saved.items():
+                setSettingsValue(key, value)
+        self.delayDisplay("MedFM remote server section reports errors and falls back to local models")
 
     def _phantom(self):
         import numpy as np

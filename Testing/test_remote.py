@@ -348,3 +348,36 @@ def test_waiting_encodes_run_as_one_batch_with_the_same_embeddings(tiny_sam):
     with pytest.raises(PromptError):
         queued.decode(results[0], Prompts2D(np.zeros((0, 2), np.float32), []))
     queue.stop()
+
+
+def test_the_slicer_logic_switches_to_the_server_by_url_and_token(server, mrml_scene, tmp_path, tiny_sam_catalog):
+    """Real MRML: the module's logic writes the same segment through the server as locally, and frees the session."""
+    from test_mrml import _points, _segmentation
+
+    from MedFMLib.errors import RemoteError
+    from MedFMLib.logic import SegmentationLogic
+    from MedFMLib.mrml import add_volume_node, segment_array
+    from MedFMLib.store import ModelStore
+
+    volume, _, centre = sphere_volume("oblique_lps")
+    volume_node = add_volume_node(mrml_scene, volume)
+    clicks = _points(mrml_scene, "clicks", centre, nudge(volume, centre, 1, 1))
+    home, _ = server_home(tmp_path / "home", tiny_sam_catalog)  # the same tiny model on this computer
+    logic = SegmentationLogic(store=ModelStore(home))
+    written = {}
+    for where in ("local", "remote"):
+        if where == "remote":
+            info = logic.configureServer(server.url, SERVER_TOKEN)
+            assert logic.isRemote and info["version"] and "sam_tiny" in logic.modelNames()
+            assert logic.isModelReady("sam_tiny") and not logic.isModelReady("sam_vit_h")
+            open_before = connect(server).check()["sessions"]
+        segmentation = _segmentation(mrml_scene, volume_node)
+        segment_id = logic.segment(volume_node, segmentation, "sphere", positivePointsNode=clicks, modelName="sam_tiny")
+        written[where] = segment_array(segmentation, segment_id, volume)
+    assert written["local"].any() and np.array_equal(written["local"], written["remote"])
+    assert connect(server).check()["sessions"] == open_before  # the logic closed its session
+    with pytest.raises(RemoteError, match="refused the token"):
+        logic.configureServer(server.url, "wrong-token-0123456789")
+    assert not logic.isRemote  # a failed connection leaves the logic local
+    logic.configureServer("")
+    assert not logic.isRemote and "sam_vit_b" in logic.modelNames()

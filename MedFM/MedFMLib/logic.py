@@ -47,12 +47,58 @@ class SegmentationLogic:
         self.store = store if store is not None else ModelStore()
         self.cache = EmbeddingCache(cacheBudgetBytes) if cacheBudgetBytes else EmbeddingCache()
         self._engines: dict[tuple[str, str], object] = {}
+        self.serverUrl = ""
+        self.connection = None
+        self.serverInfo: dict | None = None
+
+    # ------------------------------------------------------------------ server
+    def configureServer(self, url: str, token: str = "", caCert: str | None = None, check: bool = True):
+        """Run models on a MedFM server (``url`` and its token), or locally again (empty ``url``).
+
+        With ``check``, the server is asked at once (reachable, token accepted,
+        same protocol) and its description is returned; errors are RemoteError
+        lines for the GUI to show.
+        """
+        from .client import ServerConnection
+
+        url = (url or "").strip()
+        self.serverUrl, self.connection, self.serverInfo = url, None, None
+        if not url:
+            return None
+        connection = ServerConnection(url, token, ca_cert=caCert or None)
+        if check:
+            patience, connection.reconnect_seconds = connection.reconnect_seconds, 2.0  # the GUI waits on this
+            self.serverInfo = connection.check()
+            connection.reconnect_seconds = patience
+        self.connection = connection
+        return self.serverInfo
+
+    @property
+    def isRemote(self) -> bool:
+        return self.connection is not None
+
+    def serverModels(self) -> dict[str, dict]:
+        if self.serverInfo is None:
+            self.serverInfo = self.connection.check()
+        return {model["name"]: model for model in self.serverInfo["models"]}
+
+    def createSession(self, volume, modelName: str, device: str = "auto", window: Window | None = None):
+        """A session for the volume: on the server when one is configured, else with a local engine."""
+        if self.isRemote:
+            from .client import RemoteSession
+
+            return RemoteSession(self.connection, volume, modelName, window=window)
+        from .session import Session
+
+        return Session(volume, self.engine(modelName, device), window, self.cache)
 
     # ------------------------------------------------------------------ models
     def modelNames(self) -> list[str]:
-        return list(self.store.models())
+        return list(self.serverModels()) if self.isRemote else list(self.store.models())
 
     def isModelReady(self, modelName: str) -> bool:
+        if self.isRemote:
+            return self.serverModels().get(modelName, {}).get("state", "not offered") in ("ready", "loaded")
         return self.store.is_downloaded(modelName)
 
     def downloadModel(self, modelName: str, progress: Callable | None = None):
@@ -106,30 +152,32 @@ class SegmentationLogic:
         On any error the segmentation is left as it was.
         """
         from .interactive import PromptSync
-        from .session import Session
 
         volume = volume_from_node(volumeNode)
         if segmentationNode is None:
             raise PromptError("No segmentation selected: choose or create one to write into.")
         if not any(n is not None and n.GetNumberOfDefinedControlPoints() for n in (positivePointsNode, roiNode)):
             raise PromptError("Place at least one positive point or a box to segment.")
-        engine = self.engine(modelName, device)
-        session = Session(volume, engine, self.intensityWindow(volumeNode, intensity), self.cache)
-        objectId = session.add_object(segmentName)
-        sync = PromptSync(session, objectId, default_view=view)
-        if roiNode is not None and roiNode.GetNumberOfDefinedControlPoints():
-            sync.sync_box(roiNode, view)
-        _, rejected = sync.sync(positivePointsNode, negativePointsNode)
-        if rejected:
-            raise PromptError(rejected[0].message)
-        segmentId = ensure_segment(segmentationNode, segmentName)
-        write_segment(
-            session.mask(objectId),
-            volume,
-            segmentationNode,
-            segmentId,
-            region=sync.touched_region(),
-            editor_node=editorNode,
-            source_volume_node=volumeNode,
-        )
-        return segmentId
+        session = self.createSession(volume, modelName, device, self.intensityWindow(volumeNode, intensity))
+        try:
+            objectId = session.add_object(segmentName)
+            sync = PromptSync(session, objectId, default_view=view)
+            if roiNode is not None and roiNode.GetNumberOfDefinedControlPoints():
+                sync.sync_box(roiNode, view)
+            _, rejected = sync.sync(positivePointsNode, negativePointsNode)
+            if rejected:
+                raise PromptError(rejected[0].message)
+            segmentId = ensure_segment(segmentationNode, segmentName)
+            write_segment(
+                session.mask(objectId),
+                volume,
+                segmentationNode,
+                segmentId,
+                region=sync.touched_region(),
+                editor_node=editorNode,
+                source_volume_node=volumeNode,
+            )
+            return segmentId
+        finally:
+            if self.isRemote:
+                session.close()  # free the server's memory now rather than at expiry

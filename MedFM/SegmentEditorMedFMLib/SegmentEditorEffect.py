@@ -119,6 +119,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
         if self.logic is None:
             self.logic = MedFM.MedFMLogic()
+        elif self.logic.serverUrl != MedFM.settingsValue("serverUrl") and self.job is None:
+            self.logic.configureServerFromSettings()  # the module's Remote server section changed it
         self.ui.modelLabel.text = MedFM.settingsValue("modelName", "classic")
         self.ensureMarkups()
 
@@ -176,7 +178,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         from MedFMLib.background import BackgroundEncoder
         from MedFMLib.interactive import PromptSync
         from MedFMLib.mrml import ensure_segment, volume_from_node
-        from MedFMLib.session import Session
 
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         volumeNode = parameterSetNode.GetSourceVolumeNode()
@@ -186,23 +187,28 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         # The image data's time stamp changes when the voxels do (not when the display does).
         image = volumeNode.GetImageData() if volumeNode else None
         key = (volumeNode.GetID() if volumeNode else None, image.GetMTime() if image else 0, modelName,
-               device, intensity)  # fmt: skip
+               device, intensity, self.logic.serverUrl)  # fmt: skip
         if self.session is not None and key == self.sessionKey:
             return self.session
         volume = volume_from_node(volumeNode)
-        if not self.ensureModel(modelName):
+        if not self.logic.isRemote and not self.ensureModel(modelName):
             return None
-        with slicer.util.WaitCursor():
-            engine = self.logic.engine(modelName, device)
         if self.encoder is not None:
             self.encoder.stop()
-        self.session = Session(volume, engine, self.logic.intensityWindow(volumeNode, intensity), self.logic.cache)
+        if self.session is not None and hasattr(self.session, "close"):
+            self.session.close()  # the previous remote session: free the server's memory
+        with slicer.util.WaitCursor():  # loading a model, or uploading the volume to the server
+            self.session = self.logic.createSession(
+                volume, modelName, device, self.logic.intensityWindow(volumeNode, intensity)
+            )
+        engine = self.session.engine
         self.sessionKey = key
         self.objectId = self.session.add_object()
         self.sync = PromptSync(self.session, self.objectId)
         self.encoder = BackgroundEncoder(self.session)
         self.previewSegmentId = ensure_segment(self.previewNode, "preview")
-        self.ui.modelLabel.text = f"{modelName} on {engine.device}"
+        where = f" at {self.logic.serverUrl}" if self.logic.isRemote else ""
+        self.ui.modelLabel.text = f"{modelName} on {engine.device}{where}"
         return self.session
 
     def ensureModel(self, modelName):

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench bench-sam clean
+.PHONY: demo test lint bench bench-sam bench-server clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,5 +34,16 @@ bench: $(VENV)/.full
 bench-sam: $(VENV)/.full
 	$(VENV)/bin/medfm bench --model sam_vit_b --random-weights --device cpu
 
+# Clicks through a local `medfm serve` (loopback) against the same clicks in-process: latency and bytes per click.
+BENCH_TOKEN ?= bench-token-0123456789abcdef
+BENCH_MODEL ?= classic
+bench-server: $(VENV)/.full
+	@MEDFM_TOKEN=$(BENCH_TOKEN) $(VENV)/bin/medfm serve --port 8765 --models $(BENCH_MODEL) --random-weights \
+		--device cpu > bench-server.log 2>&1 & pid=$$!; trap "kill $$pid" EXIT; \
+	for i in $$(seq 100); do MEDFM_TOKEN=$(BENCH_TOKEN) $(VENV)/bin/medfm models list --server http://127.0.0.1:8765 \
+		>/dev/null 2>&1 && break; sleep 0.3; done; \
+	MEDFM_TOKEN=$(BENCH_TOKEN) $(VENV)/bin/medfm bench --server http://127.0.0.1:8765 --model $(BENCH_MODEL) \
+		--random-weights --device cpu
+
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo_output .pytest_cache .ruff_cache bench-server.log

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -381,3 +382,18 @@ def test_the_slicer_logic_switches_to_the_server_by_url_and_token(server, mrml_s
     assert not logic.isRemote  # a failed connection leaves the logic local
     logic.configureServer("")
     assert not logic.isRemote and "sam_vit_b" in logic.modelNames()
+
+
+def test_the_remote_benchmark_compares_clicks_and_counts_bytes(server):
+    from test_cli import run
+
+    result = run(
+        "bench", "--server", server.url, "--model", "classic", "--size", "64", "--first-clicks", "1",
+        "--clicks", "5", "--json", env={"MEDFM_TOKEN": SERVER_TOKEN},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["identical_masks"] == "3/3"
+    assert figures["remote_click_ms_p50"] > 0 and figures["local_click_ms_p50"] > 0
+    assert 100 < figures["bytes_sent_per_click_p50"] < 2000  # a prompt, not an image
+    assert figures["upload_mb"] < figures["volume_mb"]  # compressed

@@ -113,3 +113,32 @@ def test_tracking_never_overwrites_anchors_and_stays_in_the_3d_box(tiny_sam2):
     corners = volume.ras_to_ijk_points(np.array([centre - [6, 6, 5], centre + [6, 6, 5]]))
     assert filled and min(filled) >= int(np.floor(corners[:, axis].min())) - 1
     assert max(filled) <= int(np.ceil(corners[:, axis].max())) + 1
+
+
+def test_tracking_through_the_servers_gpu_queue_gives_the_same_masks(tiny_sam2):
+    """On a server, SAM 2 tracking runs one queued step per slice; frames it encodes re-enter the queue's worker."""
+    import threading
+
+    from MedFMLib.server.gpu_queue import GpuQueue, QueuedEngine
+
+    volume, _, centre = phantom()
+    engine = CountingSam2(create_engine("sam2_tiny", checkpoint=tiny_sam2, device="cpu"))
+    queue = GpuQueue()
+    sessions = [Session(volume, engine), Session(volume, QueuedEngine(engine, queue))]
+    for session in sessions:
+        obj = session.add_object()
+        session.add_point(obj, centre)
+    queued_steps = []
+    original_call = queue.call
+
+    def counting_call(owner, function):
+        queued_steps.append(threading.current_thread())
+        return original_call(owner, function)
+
+    queue.call = counting_call
+    results = [session.propagate(1, options=NEVER_STOP) for session in sessions]
+    assert results[0].stops == results[1].stops and results[1].slices_written == volume.dimensions[2] - 1
+    assert np.array_equal(sessions[0].mask(1), sessions[1].mask(1))
+    assert len(queued_steps) >= results[1].slices_written  # one queued call per tracked slice at least
+    assert queue.stats.tasks >= results[1].slices_written
+    queue.stop()

@@ -389,7 +389,7 @@ def test_the_remote_benchmark_compares_clicks_and_counts_bytes(server):
 
     result = run(
         "bench", "--server", server.url, "--model", "classic", "--size", "64", "--first-clicks", "1",
-        "--clicks", "5", "--json", env={"MEDFM_TOKEN": SERVER_TOKEN},
+        "--clicks", "5", "--slices", "6", "--json", env={"MEDFM_TOKEN": SERVER_TOKEN},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)

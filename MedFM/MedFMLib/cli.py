@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--propagate", action="store_true", help="measure propagation per slice, uncached and cached, instead"
     )
-    bench.add_argument("--slices", type=int, default=100, help="--propagate: slices to propagate through (default 100)")
+    bench.add_argument("--slices", type=int, default=100, help="--propagate, --server: volume depth (default 100)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     _add_server_options(bench, "compare clicks through this MedFM server with the same clicks in-process")
 
@@ -372,7 +372,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint,
             ca_cert=args.ca_cert or os.environ.get("MEDFM_CA_CERT"),
             size=args.size,
-            slices=args.first_clicks,
+            slices=args.slices,
+            first_clicks=args.first_clicks,
             clicks=args.clicks,
         )
         print(json.dumps(result) if args.json else format_remote_report(result))

@@ -138,12 +138,17 @@ def _add_server_options(parser: argparse.ArgumentParser, help_text: str) -> None
     parser.add_argument("--ca-cert", help="CA certificate of a server with its own TLS certificate (or $MEDFM_CA_CERT)")
 
 
+def server_credentials(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The token and CA file for ``--server``: the options, else $MEDFM_TOKEN and $MEDFM_CA_CERT."""
+    return args.token or os.environ.get("MEDFM_TOKEN", ""), args.ca_cert or os.environ.get("MEDFM_CA_CERT")
+
+
 def connect(args: argparse.Namespace):
     """The connection to ``--server``, checked (reachable, token accepted, same protocol)."""
     from .client import ServerConnection
 
-    token = args.token or os.environ.get("MEDFM_TOKEN", "")
-    connection = ServerConnection(args.server, token, ca_cert=args.ca_cert or os.environ.get("MEDFM_CA_CERT"))
+    token, ca_cert = server_credentials(args)
+    connection = ServerConnection(args.server, token, ca_cert=ca_cert)
     connection.check()
     return connection
 
@@ -363,14 +368,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.server:
         from .bench_remote import format_remote_report, run_remote_benchmark
 
+        token, ca_cert = server_credentials(args)
         result = run_remote_benchmark(
             args.server,
-            args.token or os.environ.get("MEDFM_TOKEN", ""),
+            token,
             args.model,
             device=args.device,
             random_weights=args.random_weights,
             checkpoint=args.checkpoint,
-            ca_cert=args.ca_cert or os.environ.get("MEDFM_CA_CERT"),
+            ca_cert=ca_cert,
             size=args.size,
             slices=args.slices,
             first_clicks=args.first_clicks,

@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -219,7 +219,8 @@ class RemotePropagationResult(PropagationResult):
     written: int = 0
     #: the call that planned it, to plan it again after a server restart
     plan: tuple[str, dict] | None = None
-    generation: int = 0
+    #: the server session it was planned on: on another one (after a restart) it is planned again
+    session_id: str | None = None
 
     @property
     def slices_written(self) -> int:
@@ -240,13 +241,6 @@ def _view_value(view):
 
 def _options_value(options: PropagationOptions | None):
     return None if options is None else asdict(options)
-
-
-@dataclass
-class _Mirror:
-    objects: dict = field(default_factory=dict)
-    can_undo: bool = False
-    can_redo: bool = False
 
 
 class RemoteSession(SessionObjects):
@@ -274,7 +268,7 @@ class RemoteSession(SessionObjects):
         self.objects: dict[int, SegmentObject] = {}
         self.reconnects = 0
         self._journal: list[tuple[str, dict]] = []
-        self._mirror = _Mirror()
+        self._can_undo = self._can_redo = False
         self._sequence = 0
         self._lock = threading.RLock()
         self._encoded: set[SlicePlane] = set()
@@ -303,7 +297,7 @@ class RemoteSession(SessionObjects):
         )  # fmt: skip
         self.window = Window(*reply["window"])
         self.objects.clear()
-        self._mirror = _Mirror(self.objects)
+        self._can_undo = self._can_redo = False
         self._encoded.clear()
 
     def close(self) -> None:
@@ -333,13 +327,17 @@ class RemoteSession(SessionObjects):
         self._apply_reply(header, parts)
         return header
 
+    def _recovering(self, send) -> dict:
+        """``send()``, and once more after uploading and replaying if the server lost the session."""
+        try:
+            return send()
+        except SessionGoneError:
+            self._recover()
+            return send()
+
     def _call(self, method: str, args: dict, journal: tuple[str, dict] | None | bool = True) -> dict:
         with self._lock:
-            try:
-                header = self._send(method, args)
-            except SessionGoneError:
-                self._recover()
-                header = self._send(method, args)
+            header = self._recovering(lambda: self._send(method, args))
             if journal is True:
                 self._journal.append((method, args))
             elif journal:
@@ -381,8 +379,8 @@ class RemoteSession(SessionObjects):
                 origin=summary["origin"],
                 roi_corners=None if summary["roi"] is None else np.asarray(summary["roi"]),
             )
-        self._mirror.can_undo = bool(header.get("can_undo"))
-        self._mirror.can_redo = bool(header.get("can_redo"))
+        self._can_undo = bool(header.get("can_undo"))
+        self._can_redo = bool(header.get("can_redo"))
 
     def _updates(self, header: dict) -> list[SliceUpdate]:
         updates = []
@@ -404,7 +402,7 @@ class RemoteSession(SessionObjects):
             result_id=summary["result"],
             written=summary["slices_written"],
             plan=plan,
-            generation=self.reconnects,
+            session_id=self.session_id,
         )
 
     # ------------------------------------------------------------ objects
@@ -520,29 +518,26 @@ class RemoteSession(SessionObjects):
     def apply_propagation(self, result: PropagationResult) -> list[SliceUpdate]:
         if not isinstance(result, RemotePropagationResult) or result.result_id is None:
             raise PromptError("Only a propagation planned on this server can be applied to a remote session.")
-        journal = ("apply_plan", {"method": result.plan[0], "args": result.plan[1]}) if result.plan else True
         with self._lock:
-            if result.generation != self.reconnects:
-                # Planned before the server restarted: plan it again on the new session.
-                result.result_id = self._send(result.plan[0], result.plan[1])["propagation"]["result"]
-                result.generation = self.reconnects
-            try:
-                header = self._call("apply_propagation", {"result": result.result_id}, journal=journal)
-            except PromptError:
-                if result.plan is None:
-                    raise
-                result.result_id = self._send(result.plan[0], result.plan[1])["propagation"]["result"]
-                header = self._call("apply_propagation", {"result": result.result_id}, journal=journal)
+            header = self._recovering(lambda: self._apply_planned(result))
+            self._journal.append(("apply_plan", {"method": result.plan[0], "args": result.plan[1]}))
         return self._updates(header)
+
+    def _apply_planned(self, result: RemotePropagationResult) -> dict:
+        if result.session_id != self.session_id:
+            # Planned on a session the server no longer has (its ids start again): plan it again here.
+            result.result_id = self._send(*result.plan)["propagation"]["result"]
+            result.session_id = self.session_id
+        return self._send("apply_propagation", {"result": result.result_id})
 
     # ------------------------------------------------------------ undo, redo
     @property
     def can_undo(self) -> bool:
-        return self._mirror.can_undo
+        return self._can_undo
 
     @property
     def can_redo(self) -> bool:
-        return self._mirror.can_redo
+        return self._can_redo
 
     def undo(self) -> list[SliceUpdate]:
         return self._updates(self._call("undo", {}))

@@ -33,6 +33,7 @@ from ..errors import MedFMError, ModelError, PromptError, ProtocolError, VolumeE
 from ..geometry import SlicePlane
 from ..intensity import Window
 from ..protocol import (
+    ARRAY_DTYPES,
     FRAME_CONTENT_TYPE,
     MAX_HEADER_BYTES,
     PROTOCOL_VERSION,
@@ -161,16 +162,18 @@ def _propagation_summary(result, result_id: int | None = None) -> dict:
 
 
 def build_reply(served: ServerSession, value, codec: str) -> bytes:
-    """The frame for a call's return value: changed slices, changed mask regions, and the value itself."""
+    """The frame for a call's return value: changed slices, changed mask regions, and the value itself.
+
+    A plan (a dict) changes nothing yet: it goes into the header as it is.
+    """
     from ..propagation import PropagationResult
 
     session = served.session
-    header: dict = {}
+    header: dict = dict(value) if isinstance(value, dict) else {}
     changed: dict[int, set[tuple[int, int]]] = {}
     if isinstance(value, SliceUpdate) or (isinstance(value, list) and all(isinstance(v, SliceUpdate) for v in value)):
         updates = [value] if isinstance(value, SliceUpdate) else value
         header["updates"] = [[u.object_id, u.plane.axis, u.plane.index, float(u.score)] for u in updates]
-        header["single"] = isinstance(value, SliceUpdate)
         for update in updates:
             changed.setdefault(update.object_id, set()).add((update.plane.axis, update.plane.index))
     elif isinstance(value, PropagationResult):
@@ -211,14 +214,18 @@ def build_reply(served: ServerSession, value, codec: str) -> bytes:
     return pack_frame(header, parts)
 
 
-def call_method(served: ServerSession, method: str, args) -> object:
-    """Run one validated session method; plans are kept for a later ``apply_propagation``."""
-    session = served.session
+def _arguments(args) -> dict:
+    """Validated arguments as the session method takes them (options as PropagationOptions)."""
     values = {name: getattr(args, name) for name in type(args).model_fields}
     if "options" in values:
         values["options"] = None if args.options is None else args.options.to_options()
-    if method == "add_object":
-        return session.add_object(values["name"], values["color"])
+    return values
+
+
+def call_method(served: ServerSession, method: str, args) -> object:
+    """Run one validated session method; plans are kept for a later ``apply_propagation``."""
+    session = served.session
+    values = _arguments(args)
     if method == "apply_propagation":
         result = served.results.get(args.result)
         if result is None:
@@ -365,7 +372,7 @@ def create_app(config: ServerConfig, store=None):
         if meta.get("dtype") == "bool":
             raise ProtocolError("The volume must hold numbers, not booleans.")
         voxels = int(np.prod(shape))
-        itemsize = np.dtype(meta.get("dtype", "uint8")).itemsize if meta.get("dtype") in _NUMERIC else 1
+        itemsize = np.dtype(meta["dtype"]).itemsize if meta.get("dtype") in ARRAY_DTYPES else 1
         manager.check_volume(voxels * itemsize, voxels)
         engine = registry.engine(spec.model)  # before decoding: a wrong model name costs nothing
         array = decode_array(meta, parts[0], max_bytes=manager.max_session_bytes)
@@ -410,11 +417,7 @@ def create_app(config: ServerConfig, store=None):
                 return served.last_reply  # a retry after a lost reply: the action ran already
             if method == "add_object":
                 manager.check_object_budget(served)
-            value = call_method(served, method, args)
-            if isinstance(value, dict):  # a plan: kept on the server, nothing changed yet
-                reply = _with_value(build_reply(served, None, codec), value)
-            else:
-                reply = build_reply(served, value, codec)
+            reply = build_reply(served, call_method(served, method, args), codec)
             served.last_sequence, served.last_reply = sequence, reply
         return reply
 
@@ -447,8 +450,7 @@ def create_app(config: ServerConfig, store=None):
             raise ProtocolError(f"Only {' and '.join(JOB_METHODS)} run as jobs, not {method!r}.")
         args = METHODS[method].model_validate(message.get("args") or {})
         served = manager.get(session_id)
-        values = {name: getattr(args, name) for name in type(args).model_fields}
-        values["options"] = None if args.options is None else args.options.to_options()
+        values = _arguments(args)
         planner = getattr(served.session, method)
         job_id = served.start_job(lambda progress, cancelled: planner(**values, progress=progress, cancel=cancelled))
         return {"job": job_id}
@@ -491,9 +493,6 @@ def create_app(config: ServerConfig, store=None):
     return app
 
 
-_NUMERIC = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
-
-
 def _version_headers() -> dict:
     return {"X-MedFM-Version": __version__, "X-MedFM-Protocol": str(PROTOCOL_VERSION)}
 
@@ -501,10 +500,3 @@ def _version_headers() -> dict:
 def _reply_codec(request) -> str:
     wanted = request.headers.get("x-medfm-codec", "zlib")
     return wanted if wanted in available_codecs() else "zlib"
-
-
-def _with_value(reply: bytes, value: dict) -> bytes:
-    header, parts = unpack_frame(reply)
-    header.pop("parts", None)
-    header.update(value)
-    return pack_frame(header, parts)

@@ -60,8 +60,6 @@ class GpuQueue:
 
     def call(self, engine, function):
         """Run ``function()`` on the worker (a decode, one tracking step); its result or exception comes back."""
-        if self.on_worker():
-            return function()  # already on the worker: a tracking step that encodes a frame it needs
         return self._submit(_Task(engine, "call", function=function))
 
     def stop(self) -> None:
@@ -70,7 +68,7 @@ class GpuQueue:
             self._condition.notify_all()
 
     def _submit(self, task: _Task):
-        if self.on_worker():
+        if self.on_worker():  # already on the worker: a tracking step that encodes a frame it needs
             return self._run_encodes([task])[0] if task.kind == "encode" else task.function()
         with self._condition:
             if self._stopped:

@@ -59,6 +59,11 @@ class ServerSession:
         voxels = self.session.volume.array.size
         return self.session.volume.array.nbytes + voxels * len(self.session.objects) + self.cache_budget
 
+    @property
+    def busy(self) -> bool:
+        """A propagation job is running: the session is in use even if no request comes."""
+        return any(not job.finished for job in self.jobs.values())
+
     def keep_result(self, result) -> int:
         result_id = self.next_result
         self.next_result += 1
@@ -122,8 +127,11 @@ class SessionManager:
         return served
 
     def get(self, session_id: str) -> ServerSession:
-        self.expire()
+        """The session, unless idle past its time to live (the sweeper closes the others)."""
         served = self._sessions.get(session_id)
+        if served is not None and not served.busy and time.monotonic() - served.last_used > self.ttl_seconds:
+            self.close(session_id)
+            served = None
         if served is None:
             raise SessionGone("This session is not on the server (it expired or the server restarted); upload again.")
         served.last_used = time.monotonic()
@@ -152,8 +160,7 @@ class SessionManager:
         expired = []
         with self._lock:
             for session_id, served in list(self._sessions.items()):
-                busy = any(not job.finished for job in served.jobs.values())
-                if busy:
+                if served.busy:
                     served.last_used = now
                 elif now - served.last_used > self.ttl_seconds:
                     expired.append(self._sessions.pop(session_id))

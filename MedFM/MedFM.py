@@ -38,7 +38,7 @@ def setSettingsValue(key, value):
 
 def configureStoreFromSettings():
     """Models under Slicer's settings folder unless the user chose another, and the organisation catalog."""
-    from MedFMLib.store import configure
+    from MedFMLib.models.store import configure
 
     defaultHome = os.path.join(os.path.dirname(slicer.app.slicerUserSettingsFilePath), "MedFM")
     home = settingsValue("modelsFolder") or os.environ.get("MEDFM_HOME") or defaultHome
@@ -205,7 +205,7 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             setattr(self._parameterNode, key, value)
 
     def updateModelStatus(self):
-        from MedFMLib.dependencies import describe, missing_requirements
+        from MedFMLib.models.dependencies import describe, missing_requirements
 
         name = self.ui.modelSelector.currentText
         if not name:
@@ -298,7 +298,7 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateModelStatus()
 
     def onInstallDependencies(self):
-        from MedFMLib.store import ModelStore
+        from MedFMLib.models.store import ModelStore
 
         self.logic.ensureDependencies(ModelStore().info(self.ui.modelSelector.currentText).engine)
         self.updateModelStatus()
@@ -338,11 +338,11 @@ class MedFMLogic(ScriptedLoadableModuleLogic):
         segmentId = logic.segment(volumeNode, segmentationNode, "tumour",
                                   positivePointsNode=getNode("F"), view="axial", modelName="classic")
 
-    See MedFMLib.logic.SegmentationLogic.segment for every argument.
+    See MedFMLib.mrml.logic.SegmentationLogic.segment for every argument.
     """
 
     def __init__(self):
-        from MedFMLib.logic import SegmentationLogic
+        from MedFMLib.mrml.logic import SegmentationLogic
 
         ScriptedLoadableModuleLogic.__init__(self)
         configureStoreFromSettings()
@@ -359,7 +359,7 @@ class MedFMLogic(ScriptedLoadableModuleLogic):
         return MedFMParameterNode(super().getParameterNode())
 
     def resetStore(self):
-        from MedFMLib.logic import SegmentationLogic
+        from MedFMLib.mrml.logic import SegmentationLogic
 
         self._core = SegmentationLogic()
         self.configureServerFromSettings()
@@ -375,7 +375,7 @@ class MedFMLogic(ScriptedLoadableModuleLogic):
 
     def ensureDependencies(self, engineName, askConfirmation=True):
         """Install what an engine needs, after asking: torch through the PyTorch extension, the rest by pip."""
-        from MedFMLib.dependencies import describe, install_plan, missing_requirements
+        from MedFMLib.models.dependencies import describe, install_plan, missing_requirements
 
         missing = missing_requirements(engineName)
         if not missing:
@@ -454,8 +454,8 @@ class MedFMTest(ScriptedLoadableModuleTest):
     def _phantom(self):
         import numpy as np
 
-        from MedFMLib.mrml import add_volume_node
-        from MedFMLib.phantoms import demo_phantom
+        from MedFMLib.imaging.phantoms import demo_phantom
+        from MedFMLib.mrml.bridge import add_volume_node
 
         volume, truth, seeds = demo_phantom()
         volumeNode = add_volume_node(slicer.mrmlScene, volume, "MedFM phantom")
@@ -467,7 +467,7 @@ class MedFMTest(ScriptedLoadableModuleTest):
         return volume, truth, volumeNode, segmentationNode, points
 
     def test_LogicSegmentsPhantomIntoSegment(self):
-        from MedFMLib.mrml import segment_array
+        from MedFMLib.mrml.bridge import segment_array
 
         volume, truth, volumeNode, segmentationNode, points = self._phantom()
         logic = MedFMLogic()
@@ -487,12 +487,12 @@ class MedFMTest(ScriptedLoadableModuleTest):
         """A tiny random-weight SAM when torch is installed (else the weight-free classic model)."""
         import tempfile
 
-        from MedFMLib.dependencies import missing_requirements
+        from MedFMLib.models.dependencies import missing_requirements
 
         if missing_requirements("sam"):
             self.delayDisplay("torch or segment-anything is missing: the effect test uses the classic model")
             return "classic"
-        from MedFMLib.store import ModelStore, configure
+        from MedFMLib.models.store import ModelStore, configure
         from MedFMLib.testing import write_tiny_sam_catalog
 
         folder = tempfile.mkdtemp(prefix="MedFMTest")
@@ -503,7 +503,7 @@ class MedFMTest(ScriptedLoadableModuleTest):
 
     def test_EffectFlowWithTinyModel(self):
         """Click in the red view through the effect, preview, Apply, and Slicer's undo."""
-        from MedFMLib.mrml import segment_array
+        from MedFMLib.mrml.bridge import segment_array
 
         savedSettings = {key: settingsValue(key) for key in ("modelName", "device", "modelsFolder", "catalog")}
         savedEnvironment = {key: os.environ.get(key) for key in ("MEDFM_HOME", "MEDFM_CATALOG")}

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MedFMLib.phantoms import Ellipsoid, make_ijk_to_ras, render
+from MedFMLib.imaging.phantoms import Ellipsoid, make_ijk_to_ras, render
 from MedFMLib.testing import write_tiny_sam2_catalog, write_tiny_sam_catalog
 
 GEOMETRIES = {

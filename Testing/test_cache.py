@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from MedFMLib.cache import EmbeddingCache, EmbeddingKey
 from MedFMLib.engines.base import Embedding
 from MedFMLib.engines.classic import ClassicEngine
-from MedFMLib.geometry import plane_through
-from MedFMLib.intensity import Window
-from MedFMLib.phantoms import make_ijk_to_ras
-from MedFMLib.session import Session
-from MedFMLib.volume import Volume
+from MedFMLib.imaging.geometry import plane_through
+from MedFMLib.imaging.intensity import Window
+from MedFMLib.imaging.phantoms import make_ijk_to_ras
+from MedFMLib.imaging.volume import Volume
+from MedFMLib.interaction.cache import EmbeddingCache, EmbeddingKey
+from MedFMLib.interaction.session import Session
 
 
 def _key(index: int, **overrides) -> EmbeddingKey:

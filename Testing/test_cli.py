@@ -13,10 +13,10 @@ import pytest
 import slicerio
 
 from conftest import sphere_volume
-from MedFMLib.catalog import get_model_info
-from MedFMLib.geometry import extract_slice, plane_through
-from MedFMLib.io import read_volume, write_volume
-from MedFMLib.volume import ras_to_lps_matrix
+from MedFMLib.imaging.geometry import extract_slice, plane_through
+from MedFMLib.imaging.io import read_volume, write_volume
+from MedFMLib.imaging.volume import ras_to_lps_matrix
+from MedFMLib.models.catalog import get_model_info
 
 MEDFM = [str(Path(sys.executable).with_name("medfm"))]
 

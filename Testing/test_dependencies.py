@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import importlib
 
-from MedFMLib.dependencies import (
+from MedFMLib.models.dependencies import (
     ENGINE_REQUIREMENTS,
     Requirement,
     install_plan,
     is_installed,
     missing_requirements,
 )
-from MedFMLib.store import ModelStore
+from MedFMLib.models.store import ModelStore
 
 
 def test_every_catalog_engine_has_requirements_that_name_importable_modules():

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from MedFMLib.catalog import get_model_info, load_catalog
 from MedFMLib.engines import Prompts2D, create_engine, resolve_device
 from MedFMLib.engines.classic import ClassicEngine
 from MedFMLib.engines.sam import read_state_dict
 from MedFMLib.errors import DeviceError, ModelError, PromptError
-from MedFMLib.store import ModelStore
+from MedFMLib.models.catalog import get_model_info, load_catalog
+from MedFMLib.models.store import ModelStore
 
 
 def _disc_image(rows=96, cols=120, centre=(40, 70), radius=18) -> np.ndarray:

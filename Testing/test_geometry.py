@@ -8,7 +8,7 @@ import pytest
 from conftest import sphere_volume
 from MedFMLib.engines.classic import ClassicEngine
 from MedFMLib.errors import PromptError
-from MedFMLib.geometry import (
+from MedFMLib.imaging.geometry import (
     SlicePlane,
     axis_for_normal,
     box_on_plane,
@@ -18,10 +18,10 @@ from MedFMLib.geometry import (
     view_axes,
     write_slice,
 )
-from MedFMLib.phantoms import make_ijk_to_ras
-from MedFMLib.resample import isotropic_shape, resize_linear
-from MedFMLib.session import Session
-from MedFMLib.volume import Volume
+from MedFMLib.imaging.phantoms import make_ijk_to_ras
+from MedFMLib.imaging.resample import isotropic_shape, resize_linear
+from MedFMLib.imaging.volume import Volume
+from MedFMLib.interaction.session import Session
 
 
 def test_view_axes_follow_the_anatomy():
@@ -136,8 +136,8 @@ def test_anisotropic_slices_are_resampled_to_square_pixels_and_back():
 
 
 def test_a_rotated_3d_box_footprint_matches_sampled_points(geometry):
-    from MedFMLib.geometry import SlicePlane, roi_footprint, roi_slice_range
-    from MedFMLib.phantoms import rotation_matrix
+    from MedFMLib.imaging.geometry import SlicePlane, roi_footprint, roi_slice_range
+    from MedFMLib.imaging.phantoms import rotation_matrix
 
     volume, _, centre = sphere_volume(geometry)
     signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float)

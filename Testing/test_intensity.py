@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from MedFMLib.errors import MedFMError
-from MedFMLib.intensity import CT_PRESETS, Window, parse_window, percentile_window, preset_window, resolve_window
+from MedFMLib.imaging.intensity import (
+    CT_PRESETS,
+    Window,
+    parse_window,
+    percentile_window,
+    preset_window,
+    resolve_window,
+)
 
 
 def test_window_maps_level_and_edges():

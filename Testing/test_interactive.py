@@ -6,13 +6,13 @@ import numpy as np
 import vtk
 
 from conftest import sphere_volume
-from MedFMLib.background import BackgroundEncoder
 from MedFMLib.engines.classic import ClassicEngine
 from MedFMLib.errors import VolumeError
-from MedFMLib.geometry import SlicePlane, plane_through
-from MedFMLib.interactive import PromptSync
-from MedFMLib.mrml import add_volume_node, volume_from_node
-from MedFMLib.session import Session
+from MedFMLib.imaging.geometry import SlicePlane, plane_through
+from MedFMLib.interaction.background import BackgroundEncoder
+from MedFMLib.interaction.session import Session
+from MedFMLib.mrml.bridge import add_volume_node, volume_from_node
+from MedFMLib.mrml.prompt_sync import PromptSync
 
 
 def _setup(mrml_scene, geometry="oblique_anisotropic"):
@@ -162,7 +162,7 @@ def test_undo_in_the_session_redraws_the_markups(mrml_scene):
 
 
 def test_preview_segment_is_replaced_whole(mrml_scene):
-    from MedFMLib.mrml import ensure_segment, segment_array, set_segment_mask
+    from MedFMLib.mrml.bridge import ensure_segment, segment_array, set_segment_mask
 
     volume, truth, *_ = _setup(mrml_scene)
     preview = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "MedFM preview")

@@ -9,10 +9,11 @@ import vtk
 from conftest import sphere_volume
 from MedFMLib.engines.classic import ClassicEngine
 from MedFMLib.errors import PromptError, VolumeError
-from MedFMLib.geometry import plane_through
-from MedFMLib.intensity import Window
-from MedFMLib.logic import SegmentationLogic, isOutOfMemory
-from MedFMLib.mrml import (
+from MedFMLib.imaging.geometry import plane_through
+from MedFMLib.imaging.intensity import Window
+from MedFMLib.interaction.session import Session
+from MedFMLib.models.store import ModelStore
+from MedFMLib.mrml.bridge import (
     add_volume_node,
     ensure_segment,
     roi_box_on_slice,
@@ -21,8 +22,7 @@ from MedFMLib.mrml import (
     window_from_node,
     write_segment,
 )
-from MedFMLib.session import Session
-from MedFMLib.store import ModelStore
+from MedFMLib.mrml.logic import SegmentationLogic, isOutOfMemory
 
 
 def _matrix(array) -> vtk.vtkMatrix4x4:

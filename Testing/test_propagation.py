@@ -8,11 +8,11 @@ import pytest
 from MedFMLib.engines import create_engine
 from MedFMLib.engines.classic import ClassicEngine
 from MedFMLib.errors import PromptError
-from MedFMLib.geometry import SlicePlane, box_corners, extract_slice, plane_through, resolve_axis
-from MedFMLib.phantoms import Ellipsoid, make_ijk_to_ras, render, rotation_matrix
-from MedFMLib.postprocess import fill_holes, keep_touching_components
-from MedFMLib.propagation import PropagationOptions, Propagator, StopCriteria, dice, stop_reason
-from MedFMLib.session import Session
+from MedFMLib.imaging.geometry import SlicePlane, box_corners, extract_slice, plane_through, resolve_axis
+from MedFMLib.imaging.phantoms import Ellipsoid, make_ijk_to_ras, render, rotation_matrix
+from MedFMLib.imaging.postprocess import fill_holes, keep_touching_components
+from MedFMLib.interaction.propagation import PropagationOptions, Propagator, StopCriteria, dice, stop_reason
+from MedFMLib.interaction.session import Session
 
 # Two oblique, anisotropic geometries (one LPS-like): the phantom is defined in RAS.
 OBLIQUE = {
@@ -209,7 +209,7 @@ def test_between_two_anchors_each_fills_the_slices_nearer_to_it():
     ijk[axis] += 7
     high = session.add_point(obj, volume.ijk_to_ras_points(ijk)).plane
     anchors = {p: session.objects[obj].slices[p].mask.copy() for p in (low, high)}
-    walks = Propagator(session, obj, axis).plan("both")
+    walks = Propagator(session, session.objects[obj].slices, obj, axis).plan("both")
     covered = [i for w in walks for i in range(w.start + w.step, w.limit + w.step, w.step)]
     assert len(covered) == len(set(covered))  # no slice is walked twice
     assert set(range(low.index + 1, high.index)) <= set(covered)
@@ -224,7 +224,7 @@ def test_a_slice_corrected_while_propagation_ran_is_not_replaced():
     session = Session(volume, ClassicEngine())
     obj = session.add_object()
     start = session.add_point(obj, centre).plane
-    result = Propagator(session, obj, start.axis).run("forward")  # as on the worker thread
+    result = Propagator(session, session.objects[obj].slices, obj, start.axis).run("forward")  # as on the worker thread
     target = SlicePlane(start.axis, start.index + 2)
     assert target in result.states
     ijk = volume.ras_to_ijk_points(centre)
@@ -325,18 +325,18 @@ def test_the_plane_of_a_click_is_the_start_of_its_walks():
     obj = session.add_object()
     session.add_point(obj, centre, view="coronal")
     plane = plane_through(volume, centre, "coronal")
-    walks = Propagator(session, obj, plane.axis).plan("both")
+    walks = Propagator(session, session.objects[obj].slices, obj, plane.axis).plan("both")
     assert {w.start for w in walks} == {plane.index} and {w.step for w in walks} == {1, -1}
 
 
 def test_a_propagation_job_runs_on_a_worker_thread_and_can_be_stopped():
-    from MedFMLib.background import PropagationJob
+    from MedFMLib.interaction.background import PropagationJob
 
     volume, truth, centre = tapering_phantom()
     session = Session(volume, ClassicEngine())
     obj = session.add_object()
     session.add_point(obj, centre)
-    propagator = Propagator(session, obj, session.propagation_axis(obj))
+    propagator = Propagator(session, session.objects[obj].slices, obj, session.propagation_axis(obj))
     job = PropagationJob(lambda progress, cancelled: propagator.run("both", progress=progress, cancel=cancelled))
     assert job.wait(60) and job.failure is None and job.done == job.result.slices_written > 0
     session.apply_propagation(job.result)
@@ -361,7 +361,7 @@ def test_an_anchor_with_an_empty_mask_still_blocks_propagation():
     # The user judged the object absent there: the anchor keeps its prompt but an empty mask.
     state = session.objects[obj].slices[blocked]
     session.objects[obj].slices[blocked] = replace(state, mask=np.zeros_like(state.mask))
-    propagator = Propagator(session, obj, start.axis)
+    propagator = Propagator(session, session.objects[obj].slices, obj, start.axis)
     assert propagator.anchors() == [start.index, blocked.index]
     assert propagator.anchors(with_mask=True) == [start.index]
     walks = propagator.plan("forward")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from MedFMLib.errors import ProtocolError
-from MedFMLib.protocol import (
+from MedFMLib.remote.protocol import (
     available_codecs,
     changed_region,
     decode_array,

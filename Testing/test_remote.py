@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import SERVER_TOKEN, ServerProcess, server_home, sphere_volume
-from MedFMLib.client import RemotePropagationResult, RemoteSession, ServerConnection
 from MedFMLib.engines import Prompts2D, create_engine
 from MedFMLib.errors import PromptError
-from MedFMLib.geometry import SlicePlane
-from MedFMLib.io import read_volume, write_volume
-from MedFMLib.propagation import PropagationOptions, StopCriteria, dice
-from MedFMLib.session import Session
+from MedFMLib.imaging.geometry import SlicePlane
+from MedFMLib.imaging.io import read_volume, write_volume
+from MedFMLib.interaction.propagation import PropagationOptions, StopCriteria, dice
+from MedFMLib.interaction.session import Session
+from MedFMLib.remote.client import RemotePropagationResult, RemoteSession, ServerConnection
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +313,7 @@ def test_an_expired_session_is_uploaded_again_transparently(start_server):
 
 def test_waiting_encodes_run_as_one_batch_with_the_same_embeddings(tiny_sam):
     """The GPU queue batches same-sized slices that wait together; each user gets its own slice's embedding."""
-    from MedFMLib.server.gpu_queue import GpuQueue, QueuedEngine
+    from MedFMLib.remote.server.gpu_queue import GpuQueue, QueuedEngine
 
     engine = create_engine("sam_tiny", checkpoint=tiny_sam, device="cpu")
     queue = GpuQueue(max_batch=4)
@@ -356,9 +356,9 @@ def test_the_slicer_logic_switches_to_the_server_by_url_and_token(server, mrml_s
     from test_mrml import _points, _segmentation
 
     from MedFMLib.errors import RemoteError
-    from MedFMLib.logic import SegmentationLogic
-    from MedFMLib.mrml import add_volume_node, segment_array
-    from MedFMLib.store import ModelStore
+    from MedFMLib.models.store import ModelStore
+    from MedFMLib.mrml.bridge import add_volume_node, segment_array
+    from MedFMLib.mrml.logic import SegmentationLogic
 
     volume, _, centre = sphere_volume("oblique_lps")
     volume_node = add_volume_node(mrml_scene, volume)

@@ -10,11 +10,11 @@ from MedFMLib.engines import create_engine
 from MedFMLib.engines.base import Prompts2D
 from MedFMLib.engines.sam2 import Sam2Engine
 from MedFMLib.errors import ModelError
-from MedFMLib.geometry import SlicePlane, extract_slice, resolve_axis
-from MedFMLib.phantoms import Ellipsoid, make_ijk_to_ras, render
-from MedFMLib.propagation import PropagationOptions, StopCriteria
-from MedFMLib.session import Session
-from MedFMLib.store import ModelStore
+from MedFMLib.imaging.geometry import SlicePlane, extract_slice, resolve_axis
+from MedFMLib.imaging.phantoms import Ellipsoid, make_ijk_to_ras, render
+from MedFMLib.interaction.propagation import PropagationOptions, StopCriteria
+from MedFMLib.interaction.session import Session
+from MedFMLib.models.store import ModelStore
 
 NEVER_STOP = PropagationOptions(criteria=StopCriteria(0, 0.0, -np.inf, 0.0, np.inf, 0))
 
@@ -119,7 +119,7 @@ def test_tracking_through_the_servers_gpu_queue_gives_the_same_masks(tiny_sam2):
     """On a server, SAM 2 tracking runs one queued step per slice; frames it encodes re-enter the queue's worker."""
     import threading
 
-    from MedFMLib.server.gpu_queue import GpuQueue, QueuedEngine
+    from MedFMLib.remote.server.gpu_queue import GpuQueue, QueuedEngine
 
     volume, _, centre = phantom()
     engine = CountingSam2(create_engine("sam2_tiny", checkpoint=tiny_sam2, device="cpu"))

@@ -16,11 +16,11 @@ import time
 import numpy as np
 import pytest
 
-import MedFMLib.client as client_module
+import MedFMLib.remote.client as client_module
 from conftest import SERVER_TOKEN, ServerProcess, sphere_volume
-from MedFMLib.client import RemoteSession, ServerConnection
 from MedFMLib.errors import ModelError, PromptError, RemoteError
-from MedFMLib.protocol import PROTOCOL_VERSION, encode_array, pack_frame
+from MedFMLib.remote.client import RemoteSession, ServerConnection
+from MedFMLib.remote.protocol import PROTOCOL_VERSION, encode_array, pack_frame
 
 
 @pytest.fixture(scope="module")

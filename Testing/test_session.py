@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from conftest import sphere_volume
-from MedFMLib.cache import EmbeddingCache
 from MedFMLib.engines import create_engine
 from MedFMLib.engines.classic import ClassicEngine
 from MedFMLib.errors import PromptError
-from MedFMLib.geometry import extract_slice, plane_through
-from MedFMLib.phantoms import Ellipsoid, make_ijk_to_ras, render
-from MedFMLib.session import Session
+from MedFMLib.imaging.geometry import extract_slice, plane_through
+from MedFMLib.imaging.phantoms import Ellipsoid, make_ijk_to_ras, render
+from MedFMLib.interaction.cache import EmbeddingCache
+from MedFMLib.interaction.session import Session
 
 
 class RecordingEngine(ClassicEngine):

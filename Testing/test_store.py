@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from MedFMLib.catalog import load_catalog
-from MedFMLib.download import DownloadError, download
 from MedFMLib.errors import ModelError
-from MedFMLib.store import ModelStore
+from MedFMLib.models.catalog import load_catalog
+from MedFMLib.models.download import DownloadError, download
+from MedFMLib.models.store import ModelStore
 
 PAYLOAD = os.urandom(3 * (1 << 20) + 12345)
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
@@ -259,7 +259,7 @@ def test_organisation_catalog_from_a_url_and_its_offline_copy(server, tmp_path):
 
 def test_configure_points_the_store_and_catalog_elsewhere(server, tmp_path, monkeypatch):
     """What the Slicer settings do: a models folder under Slicer's settings and an organisation catalog."""
-    from MedFMLib.store import configure
+    from MedFMLib.models.store import configure
 
     for variable in ("MEDFM_HOME", "MEDFM_CATALOG"):  # recorded, so the test's changes are undone after it
         monkeypatch.setenv(variable, "")

@@ -9,9 +9,9 @@ import pytest
 import SimpleITK as sitk
 
 from MedFMLib.errors import VolumeError
-from MedFMLib.io import read_volume, write_volume
-from MedFMLib.phantoms import make_ijk_to_ras
-from MedFMLib.volume import Volume
+from MedFMLib.imaging.io import read_volume, write_volume
+from MedFMLib.imaging.phantoms import make_ijk_to_ras
+from MedFMLib.imaging.volume import Volume
 
 
 def _write_nrrd(path, array_kji: np.ndarray, space: str, directions, origin) -> None:

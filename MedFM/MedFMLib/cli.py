@@ -145,7 +145,7 @@ def server_credentials(args: argparse.Namespace) -> tuple[str, str | None]:
 
 def connect(args: argparse.Namespace):
     """The connection to ``--server``, checked (reachable, token accepted, same protocol)."""
-    from .client import ServerConnection
+    from .remote.client import ServerConnection
 
     token, ca_cert = server_credentials(args)
     connection = ServerConnection(args.server, token, ca_cert=ca_cert)
@@ -157,11 +157,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from .engines import create_engine
-    from .intensity import parse_window
-    from .io import SegmentData, output_kind, read_volume, write_output
-    from .postprocess import fill_holes, keep_touching_components
-    from .propagation import PropagationOptions
-    from .session import Session
+    from .imaging.intensity import parse_window
+    from .imaging.io import SegmentData, output_kind, read_volume, write_output
+    from .imaging.postprocess import fill_holes, keep_touching_components
+    from .interaction.propagation import PropagationOptions
+    from .interaction.session import Session
 
     output_kind(args.out)  # fail on a bad output name before any slow work
     points = [parse_ras(p) for p in args.point]
@@ -174,11 +174,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.window:
         window = parse_window(args.window)
     elif args.preset:
-        from .intensity import preset_window
+        from .imaging.intensity import preset_window
 
         window = preset_window(args.preset)
     if args.server:
-        from .client import RemoteSession
+        from .remote.client import RemoteSession
 
         if args.checkpoint:
             raise MedFMError("--checkpoint does not apply with --server: the server has its own models.")
@@ -224,7 +224,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def spans_slices(volume, corner_a, corner_b, view: str) -> bool:
     """Whether two box corners lie on different slices of the view: then the box is a 3D box."""
-    from .geometry import resolve_axis
+    from .imaging.geometry import resolve_axis
 
     axis = resolve_axis(volume.ijk_to_ras, view)
     ijk = volume.ras_to_ijk_points(np.array([corner_a, corner_b]))
@@ -287,7 +287,7 @@ def human_size(size_bytes: int) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .store import ModelStore
+    from .models.store import ModelStore
 
     if args.server:
         if args.action != "list":
@@ -361,12 +361,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import format_report, run_benchmark
+    from .bench.clicks import format_report, run_benchmark
 
     if args.size < 16 or args.first_clicks < 1 or args.clicks < 1 or args.slices < 2:
         raise MedFMError("--size must be at least 16, --slices at least 2, and --first-clicks and --clicks at least 1.")
     if args.server:
-        from .bench_remote import format_remote_report, run_remote_benchmark
+        from .bench.remote import format_remote_report, run_remote_benchmark
 
         token, ca_cert = server_credentials(args)
         result = run_remote_benchmark(
@@ -385,7 +385,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result) if args.json else format_remote_report(result))
         return 0
     if args.propagate:
-        from .bench_propagation import format_propagation_report, run_propagation_benchmark
+        from .bench.propagation import format_propagation_report, run_propagation_benchmark
 
         result = run_propagation_benchmark(
             args.model,
@@ -412,9 +412,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import check_token, load_or_create_token, serve
-    from .server.app import ServerConfig
-    from .store import ModelStore, default_home
+    from .home import default_home
+    from .models.store import ModelStore
+    from .remote.server import check_token, load_or_create_token, serve
+    from .remote.server.app import ServerConfig
 
     token = args.token or os.environ.get("MEDFM_TOKEN")
     if token:

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 
 from .engines import create_engine
-from .geometry import plane_through
-from .intensity import preset_window
-from .io import SegmentData, write_output, write_volume
-from .phantoms import demo_phantom
-from .session import Session
+from .imaging.geometry import plane_through
+from .imaging.intensity import preset_window
+from .imaging.io import SegmentData, write_output, write_volume
+from .imaging.phantoms import demo_phantom
+from .interaction.session import Session
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

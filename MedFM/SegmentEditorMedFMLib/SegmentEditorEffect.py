@@ -1,8 +1,8 @@
 """The MedFM Segment Editor effect: clicks and boxes in the slice views, a live preview, Apply/Cancel.
 
 GUI glue only. Prompts live in markups nodes (so they can be dragged and
-deleted with Slicer's own tools); MedFMLib.interactive.PromptSync turns their
-changes into session updates; MedFMLib.background encodes slices on a worker
+deleted with Slicer's own tools); MedFMLib.mrml.prompt_sync.PromptSync turns their
+changes into session updates; MedFMLib.interaction.background encodes slices on a worker
 thread while a QTimer on the GUI thread waits for them. MRML and Qt are only
 touched here, on the main thread.
 """
@@ -175,9 +175,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def ensureSession(self):
         """The session for the source volume and the module's model, device and intensity (made on demand)."""
         import MedFM
-        from MedFMLib.background import BackgroundEncoder
-        from MedFMLib.interactive import PromptSync
-        from MedFMLib.mrml import ensure_segment, volume_from_node
+        from MedFMLib.interaction.background import BackgroundEncoder
+        from MedFMLib.mrml.bridge import ensure_segment, volume_from_node
+        from MedFMLib.mrml.prompt_sync import PromptSync
 
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         volumeNode = parameterSetNode.GetSourceVolumeNode()
@@ -252,7 +252,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.addPointPrompt(ras, positive, sliceNode)
             return True
         if eventId == vtk.vtkCommand.LeftButtonReleaseEvent and self.boxStart is not None:
-            from MedFMLib.mrml import set_roi_corners
+            from MedFMLib.mrml.bridge import set_roi_corners
 
             end = self.scriptedEffect.xyToRas(callerInteractor.GetEventPosition(), viewWidget)
             start, self.boxStart = self.boxStart, None
@@ -305,8 +305,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def neededPlanes(self):
         """The planes the current prompts lie on (their embeddings must exist before decoding)."""
         from MedFMLib.errors import MedFMError
-        from MedFMLib.geometry import plane_through
-        from MedFMLib.mrml import control_points
+        from MedFMLib.imaging.geometry import plane_through
+        from MedFMLib.mrml.bridge import control_points
 
         planes = []
         for node in (self.positiveNode, self.negativeNode):
@@ -336,7 +336,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.ui.cancelEncodingButton.visible = busy
 
     def onPoll(self):
-        from MedFMLib.logic import isOutOfMemory
+        from MedFMLib.mrml.logic import isOutOfMemory
 
         planes = self.neededPlanes()
         for plane in planes:
@@ -398,7 +398,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.repropagateCorrections(updates)
 
     def refreshPreview(self):
-        from MedFMLib.mrml import set_segment_mask
+        from MedFMLib.mrml.bridge import set_segment_mask
 
         set_segment_mask(self.previewNode, self.previewSegmentId, self.previewMask(), self.session.volume)
 
@@ -439,7 +439,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def onApply(self):
         """Write the preview into the selected segment, with masking, overwrite and Slicer's undo."""
         from MedFMLib.errors import MedFMError
-        from MedFMLib.mrml import write_segment
+        from MedFMLib.mrml.bridge import write_segment
 
         if self.session is None or not self.session.objects[self.objectId].slices:
             self.setStatus("Nothing to apply: click on the object first.")
@@ -468,7 +468,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def postProcessedMask(self):
         """The preview with the chosen clean-ups: keep the parts the prompts touch, fill holes."""
         from MedFMLib.errors import PromptError
-        from MedFMLib.postprocess import fill_holes, keep_touching_components
+        from MedFMLib.imaging.postprocess import fill_holes, keep_touching_components
 
         mask = self.session.mask(self.objectId)
         if self.ui.keepConnectedCheckBox.checked:
@@ -509,7 +509,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def onPropagateWithinBox(self):
         """Segment every slice the box spans, from its middle slice outwards."""
         from MedFMLib.errors import MedFMError
-        from MedFMLib.mrml import roi_corners
+        from MedFMLib.mrml.bridge import roi_corners
 
         if self.job is not None or self.ensureSessionOrReport() is None:
             return
@@ -553,7 +553,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             )
 
     def startPropagation(self, work):
-        from MedFMLib.background import PropagationJob
+        from MedFMLib.interaction.background import PropagationJob
 
         if self.encoder is not None:
             self.encoder.cancel()  # the propagation needs the device more than prefetching does
@@ -566,7 +566,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def onPropagationPoll(self):
         from MedFMLib.errors import MedFMError
-        from MedFMLib.logic import isOutOfMemory
+        from MedFMLib.mrml.logic import isOutOfMemory
 
         job = self.job
         if job is None:
@@ -620,7 +620,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.resetPrompts()
 
     def resetPrompts(self):
-        from MedFMLib.interactive import PromptSync
+        from MedFMLib.mrml.prompt_sync import PromptSync
 
         if hasattr(self, "pollTimer"):
             self.pollTimer.stop()

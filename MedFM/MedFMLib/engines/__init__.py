@@ -34,7 +34,7 @@ def create_engine(
     Without a ``checkpoint`` the model store provides the file, downloading it
     on first use (``progress`` receives download progress).
     """
-    from ..store import ModelStore
+    from ..models.store import ModelStore
 
     store = store if store is not None else ModelStore()
     info = store.info(model)

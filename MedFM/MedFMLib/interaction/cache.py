@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .engines.base import Embedding
+from ..engines.base import Embedding
 
 DEFAULT_BUDGET_BYTES = 1 << 30  # 1 GiB: ~500 SAM embeddings in float16, ~250 in float32
 

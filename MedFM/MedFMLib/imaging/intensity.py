@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MedFMError
+from ..errors import MedFMError
 
 # Width/level in Hounsfield units, as in common radiology practice.
 CT_PRESETS: dict[str, tuple[float, float]] = {

@@ -16,27 +16,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from dataclasses import replace
 from pathlib import Path
 
+from ..errors import ModelError
+from ..home import default_home
 from .catalog import ModelInfo, get_model_info, load_catalog
 from .download import ProgressCallback, download, file_lock, sha256_of
-from .errors import ModelError
 
 REGISTRY_NAME = "registry.json"
-
-
-def default_home() -> Path:
-    """$MEDFM_HOME, else the platform's user cache folder."""
-    configured = os.environ.get("MEDFM_HOME")
-    if configured:
-        return Path(configured).expanduser()
-    if sys.platform == "win32":
-        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "MedFM" / "Cache"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "MedFM"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medfm"
 
 
 class ModelStore:

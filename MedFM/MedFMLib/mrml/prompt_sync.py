@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import vtk
 
-from .errors import MedFMError
-from .geometry import ViewLike, resolve_axis
-from .mrml import control_points, roi_box_on_slice, roi_corners
-from .session import BoxPrompt, Session, SliceUpdate
+from ..errors import MedFMError
+from ..imaging.geometry import ViewLike, resolve_axis
+from ..interaction.objects import BoxPrompt, SliceUpdate
+from ..interaction.session import Session
+from .bridge import control_points, roi_box_on_slice, roi_corners
 
 _MOVE_TOLERANCE_MM = 1e-4
 
@@ -108,7 +109,7 @@ class PromptSync:
 
     def rebuild(self, positive_node, negative_node, roi_node=None) -> None:
         """Redraw the markups from the session's prompts (after the session's own undo or redo)."""
-        from .mrml import set_roi_corners
+        from .bridge import set_roi_corners
 
         self._points.clear()
         for node in (positive_node, negative_node):

@@ -24,11 +24,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import __version__
-from .errors import MedFMError, ModelError, PromptError, ProtocolError, RemoteError, VolumeError
-from .geometry import SlicePlane, ViewLike, extract_slice
-from .intensity import Window
-from .propagation import PropagationOptions, PropagationResult
+from .. import __version__
+from ..errors import MedFMError, ModelError, PromptError, ProtocolError, RemoteError, VolumeError
+from ..imaging.geometry import SlicePlane, ViewLike, extract_slice
+from ..imaging.intensity import Window
+from ..imaging.volume import Volume
+from ..interaction.objects import BoxPrompt, PointPrompt, SegmentObject, SessionObjects, SliceState, SliceUpdate
+from ..interaction.propagation import PropagationOptions, PropagationResult
 from .protocol import (
     FRAME_CONTENT_TYPE,
     PROTOCOL_VERSION,
@@ -38,8 +40,6 @@ from .protocol import (
     pack_frame,
     unpack_frame,
 )
-from .session import BoxPrompt, PointPrompt, SegmentObject, SessionObjects, SliceState, SliceUpdate
-from .volume import Volume
 
 _ERRORS = {
     "PromptError": PromptError,

@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 
-from .engines import create_engine
-from .intensity import preset_window
-from .phantoms import Ellipsoid, make_ijk_to_ras, render
-from .session import Session
+from ..engines import create_engine
+from ..imaging.intensity import preset_window
+from ..imaging.phantoms import Ellipsoid, make_ijk_to_ras, render
+from ..interaction.session import Session
 
 
 def peak_rss_mb() -> float | None:
@@ -157,8 +157,8 @@ def run_benchmark(
 
 
 def _background_figures(session: Session, k: int, click_on_slice) -> dict:
-    from .background import BackgroundEncoder
-    from .geometry import SlicePlane
+    from ..imaging.geometry import SlicePlane
+    from ..interaction.background import BackgroundEncoder
 
     plane = SlicePlane(2, k)
     encoder = BackgroundEncoder(session)

@@ -14,12 +14,12 @@ import time
 
 import numpy as np
 
-from .bench import device_synchronizer, peak_rss_mb
-from .engines import create_engine
-from .intensity import preset_window
-from .phantoms import Ellipsoid, make_ijk_to_ras, render
-from .propagation import PropagationOptions, StopCriteria
-from .session import Session
+from ..engines import create_engine
+from ..imaging.intensity import preset_window
+from ..imaging.phantoms import Ellipsoid, make_ijk_to_ras, render
+from ..interaction.propagation import PropagationOptions, StopCriteria
+from ..interaction.session import Session
+from .clicks import device_synchronizer, peak_rss_mb
 
 # Walk to the volume's edge whatever the masks look like: this measures cost, not quality.
 _COST_ONLY = PropagationOptions(criteria=StopCriteria(0, 0.0, -np.inf, 0.0, np.inf, 0))

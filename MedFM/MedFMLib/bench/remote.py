@@ -12,13 +12,13 @@ import time
 
 import numpy as np
 
-from .bench import _percentile
-from .client import RemoteSession, ServerConnection
-from .engines import create_engine
-from .intensity import preset_window
-from .phantoms import Ellipsoid, make_ijk_to_ras, render
-from .session import Session
-from .volume import Volume
+from ..engines import create_engine
+from ..imaging.intensity import preset_window
+from ..imaging.phantoms import Ellipsoid, make_ijk_to_ras, render
+from ..imaging.volume import Volume
+from ..interaction.session import Session
+from ..remote.client import RemoteSession, ServerConnection
+from .clicks import _percentile
 
 
 def run_remote_benchmark(

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .cache import EmbeddingCache
-from .errors import PromptError
-from .geometry import ViewLike
-from .intensity import Window, preset_window
-from .mrml import ensure_segment, volume_from_node, window_from_node, write_segment
+from ..errors import PromptError
+from ..imaging.geometry import ViewLike
+from ..imaging.intensity import Window, preset_window
+from ..interaction.cache import EmbeddingCache
+from .bridge import ensure_segment, volume_from_node, window_from_node, write_segment
 
 
 def isOutOfMemory(error: BaseException) -> bool:
@@ -42,7 +42,7 @@ class SegmentationLogic:
     """Engines, the shared embedding cache, and volume-node-to-segment segmentation."""
 
     def __init__(self, store=None, cacheBudgetBytes: int | None = None) -> None:
-        from .store import ModelStore
+        from ..models.store import ModelStore
 
         self.store = store if store is not None else ModelStore()
         self.cache = EmbeddingCache(cacheBudgetBytes) if cacheBudgetBytes else EmbeddingCache()
@@ -59,7 +59,7 @@ class SegmentationLogic:
         same protocol) and its description is returned; errors are RemoteError
         lines for the GUI to show.
         """
-        from .client import ServerConnection
+        from ..remote.client import ServerConnection
 
         url = (url or "").strip()
         self.serverUrl, self.connection, self.serverInfo = url, None, None
@@ -85,10 +85,10 @@ class SegmentationLogic:
     def createSession(self, volume, modelName: str, device: str = "auto", window: Window | None = None):
         """A session for the volume: on the server when one is configured, else with a local engine."""
         if self.isRemote:
-            from .client import RemoteSession
+            from ..remote.client import RemoteSession
 
             return RemoteSession(self.connection, volume, modelName, window=window)
-        from .session import Session
+        from ..interaction.session import Session
 
         return Session(volume, self.engine(modelName, device), window, self.cache)
 
@@ -111,7 +111,7 @@ class SegmentationLogic:
     def engine(self, modelName: str, device: str = "auto"):
         """The engine for a model, loaded once and kept. A model not yet downloaded is an error, not a download:
         the GUI asks first, and scripts call ``downloadModel``."""
-        from .engines import create_engine
+        from ..engines import create_engine
 
         key = (modelName, device)
         if key not in self._engines:
@@ -151,7 +151,7 @@ class SegmentationLogic:
         Segment Editor node's masking and overwrite settings apply when given.
         On any error the segmentation is left as it was.
         """
-        from .interactive import PromptSync
+        from .prompt_sync import PromptSync
 
         volume = volume_from_node(volumeNode)
         if segmentationNode is None:

@@ -28,10 +28,13 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from .. import __version__
-from ..errors import MedFMError, ModelError, PromptError, ProtocolError, VolumeError
-from ..geometry import SlicePlane
-from ..intensity import Window
+from ... import __version__
+from ...errors import MedFMError, ModelError, PromptError, ProtocolError, VolumeError
+from ...imaging.geometry import SlicePlane
+from ...imaging.intensity import Window
+from ...imaging.volume import Volume
+from ...interaction.objects import SliceState, SliceUpdate
+from ...interaction.session import Session
 from ..protocol import (
     ARRAY_DTYPES,
     FRAME_CONTENT_TYPE,
@@ -46,8 +49,6 @@ from ..protocol import (
     parse_json,
     unpack_frame,
 )
-from ..session import Session, SliceState, SliceUpdate
-from ..volume import Volume
 from .gpu_queue import GpuQueue, QueuedEngine
 from .schemas import JOB_METHODS, METHODS, EncodePlanes, VolumeHeader
 from .sessions import ServerFull, ServerSession, SessionGone, SessionManager, TooLarge
@@ -84,7 +85,7 @@ class ModelRegistry:
     """The models a server offers; each is loaded on first use and shared by all sessions through the queue."""
 
     def __init__(self, config: ServerConfig, queue: GpuQueue, store=None) -> None:
-        from ..store import ModelStore
+        from ...models.store import ModelStore
 
         self.config = config
         self.queue = queue
@@ -127,7 +128,7 @@ class ModelRegistry:
                         f"'{name}' is not downloaded on the server; its administrator can run "
                         f"`medfm models download {name}` there."
                     )
-                from ..engines import create_engine
+                from ...engines import create_engine
 
                 log.info("loading model %s on %s", name, self.config.device)
                 engine = create_engine(
@@ -166,7 +167,7 @@ def build_reply(served: ServerSession, value, codec: str) -> bytes:
 
     A plan (a dict) changes nothing yet: it goes into the header as it is.
     """
-    from ..propagation import PropagationResult
+    from ...interaction.propagation import PropagationResult
 
     session = served.session
     header: dict = dict(value) if isinstance(value, dict) else {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from .geometry import SlicePlane
+from ..imaging.geometry import SlicePlane
 from .session import Session
 
 

@@ -14,7 +14,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .errors import PromptError, VolumeError
+from ..errors import PromptError, VolumeError
 
 
 @dataclass(eq=False)

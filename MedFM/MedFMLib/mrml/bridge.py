@@ -15,9 +15,9 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
-from .errors import PromptError, VolumeError
-from .intensity import Window
-from .volume import Volume
+from ..errors import PromptError, VolumeError
+from ..imaging.intensity import Window
+from ..imaging.volume import Volume
 
 
 def _matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:

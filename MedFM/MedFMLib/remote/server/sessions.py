@@ -14,10 +14,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..background import PropagationJob
-from ..cache import EmbeddingCache
-from ..errors import MedFMError
-from ..session import Session
+from ...errors import MedFMError
+from ...interaction.background import PropagationJob
+from ...interaction.cache import EmbeddingCache
+from ...interaction.session import Session
 
 #: propagation results kept per session for ``apply_propagation`` (older ones are dropped)
 KEPT_RESULTS = 8

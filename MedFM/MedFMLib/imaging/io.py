@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MedFMError, VolumeError
+from ..errors import MedFMError, VolumeError
 from .volume import Volume, ras_to_lps_matrix
 
 LABELMAP_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")

@@ -12,7 +12,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from ..errors import MedFMError
+from ...errors import MedFMError
 
 TOKEN_FILE = "server_token"
 MIN_TOKEN_LENGTH = 16

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import PromptError
+from ..errors import PromptError
 from .volume import Volume
 
 VIEW_NORMALS_RAS: dict[str, tuple[float, float, float]] = {

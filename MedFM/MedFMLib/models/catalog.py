@@ -12,7 +12,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelError
+from ..errors import ModelError
+from ..home import default_home
 
 CATALOG_PATH = Path(__file__).with_name("catalog.json")
 
@@ -79,8 +80,6 @@ CATALOG_FETCH_TIMEOUT_SECONDS = 10.0
 def _mirror_copy_path(url: str) -> Path:
     """Where the last good copy of a remote catalog is kept, so MedFM still starts offline."""
     from hashlib import sha256
-
-    from .store import default_home  # the store imports this module; import late
 
     return default_home() / "catalogs" / f"{sha256(url.encode()).hexdigest()[:16]}.json"
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engines.base import Embedding, Prediction, Prompts2D
+from ...engines.base import Embedding, Prediction, Prompts2D
 
 
 @dataclass

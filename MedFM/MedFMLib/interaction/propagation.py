@@ -20,14 +20,17 @@ result is applied afterwards, as one undoable step, by ``Session.apply_propagati
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-from .engines.base import Prompts2D
-from .errors import PromptError
-from .geometry import SlicePlane, roi_footprint, roi_slice_range
+from ..engines.base import Prompts2D
+from ..errors import PromptError
+from ..imaging.geometry import SlicePlane, roi_footprint, roi_slice_range
+from ..imaging.volume import Volume
+from .objects import PROPAGATED, SliceState
 
 FORWARD, BACKWARD, BOTH = "forward", "backward", "both"
 DIRECTIONS = (BOTH, FORWARD, BACKWARD)
@@ -184,34 +187,52 @@ def carried_prompts(
     return Prompts2D(points, np.ones(len(points), np.int32), box)
 
 
+class SliceModel(Protocol):
+    """What propagation needs from a session: the volume, the engine, and decoding of one slice's prompts."""
+
+    volume: Volume
+    engine: object
+
+    def predict(self, state: SliceState) -> SliceState | None: ...
+
+    def to_slice_grid(self, plane: SlicePlane, mask: np.ndarray) -> np.ndarray: ...
+
+    def frames(self, axis: int): ...
+
+
 class Propagator:
-    """Plans and runs the walks of one propagation on a session (read-only: see ``Session.apply_propagation``)."""
+    """Plans and runs the walks of one propagation (read-only: see ``Session.apply_propagation``).
+
+    ``slices`` are the object's slice states as they stand; ``model`` decodes new ones.
+    """
 
     def __init__(
         self,
-        session,
+        model: SliceModel,
+        slices: Mapping[SlicePlane, SliceState],
         object_id: int,
         axis: int,
         options: PropagationOptions | None = None,
         overlay: dict | None = None,
     ) -> None:
-        self.session = session
-        self.object = session._object(object_id)
+        self.model = model
+        self.volume = model.volume
+        self.stored = slices
         self.object_id = object_id
         self.axis = axis
         self.options = options or PropagationOptions()
-        # The object's slices as the walks see them: ``overlay`` states (None: removed) shadow the session's,
+        # The object's slices as the walks see them: ``overlay`` states (None: removed) shadow the stored ones,
         # so a plan can build on changes not applied yet without touching the session.
-        merged = {**self.object.slices, **(overlay or {})}
+        merged = {**slices, **(overlay or {})}
         self.slices = {plane: state for plane, state in merged.items() if state is not None}
-        self.count = session.volume.dimensions[axis]
+        self.count = self.volume.dimensions[axis]
         self.roi = self._roi()
 
     # ------------------------------------------------------------------ plan
     def _roi(self) -> tuple[np.ndarray, int, int] | None:
         for state in self.slices.values():
             if state.roi_corners is not None and state.plane.axis == self.axis:
-                first, last = roi_slice_range(self.session.volume, state.roi_corners, self.axis)
+                first, last = roi_slice_range(self.volume, state.roi_corners, self.axis)
                 return state.roi_corners, first, last
         return None
 
@@ -276,7 +297,7 @@ class Propagator:
         walks = self.plan(direction, start)
         result = PropagationResult(self.object_id, self.axis)
         total, done = sum(w.length for w in walks), 0
-        tracking = self.options.use_memory and getattr(self.session.engine, "tracks_with_memory", False)
+        tracking = self.options.use_memory and getattr(self.model.engine, "tracks_with_memory", False)
         for walk in walks:
             steps = self._track(walk) if tracking else self._step_2d(walk)
             reason, last = walk.limit_reason, walk.start
@@ -292,7 +313,7 @@ class Propagator:
                     break
                 old = self.slices.get(plane)
                 result.states[plane] = state
-                result.basis[plane] = self.object.slices.get(plane)
+                result.basis[plane] = self.stored.get(plane)
                 last = plane.index
                 done += 1
                 if progress is not None:
@@ -318,17 +339,15 @@ class Propagator:
             state = self.slices.get(plane)
             if state is not None and not state.is_anchor:
                 result.states[plane] = None
-                result.basis[plane] = self.object.slices.get(plane)
+                result.basis[plane] = self.stored.get(plane)
 
     def _footprint(self, plane: SlicePlane) -> np.ndarray | None:
-        return None if self.roi is None else roi_footprint(self.session.volume, self.roi[0], plane)
+        return None if self.roi is None else roi_footprint(self.volume, self.roi[0], plane)
 
     def _step_2d(self, walk: Walk) -> Iterator[tuple[SlicePlane, object]]:
         """Slice-by-slice prompting for image models (SAM, MedSAM, classic)."""
-        from .session import PROPAGATED, SliceState
-
         previous = self.slices[SlicePlane(self.axis, walk.start)]
-        prompt_types = self.session.engine.prompt_types
+        prompt_types = self.model.engine.prompt_types
         for index in range(walk.start + walk.step, walk.limit + walk.step, walk.step):
             plane = SlicePlane(self.axis, index)
             prompts = carried_prompts(previous.mask, self.options, prompt_types, self._footprint(plane))
@@ -338,28 +357,26 @@ class Propagator:
                 carried_logits=previous.logits if self.options.use_mask else None,
                 origin=PROPAGATED,
             )
-            state = self.session._predict(state)
+            state = self.model.predict(state)
             yield plane, state
             previous = state
 
     def _track(self, walk: Walk) -> Iterator[tuple[SlicePlane, object]]:
         """Memory-based tracking (SAM 2), conditioned on every anchor of the axis."""
-        from .session import PROPAGATED, SliceState
-
-        session = self.session
+        model = self.model
         conditioning = {index: self.slices[SlicePlane(self.axis, index)].mask for index in self.anchors()}
         if walk.start not in conditioning:  # a propagated slice chosen as the start
             conditioning[walk.start] = self.slices[SlicePlane(self.axis, walk.start)].mask
-        frames = session.frames(self.axis)
-        for index, prediction in session.engine.track(frames, conditioning, walk.start, walk.step, walk.limit):
+        frames = model.frames(self.axis)
+        for index, prediction in model.engine.track(frames, conditioning, walk.start, walk.step, walk.limit):
             plane = SlicePlane(self.axis, index)
-            mask = session.to_slice_grid(plane, prediction.mask)
+            mask = model.to_slice_grid(plane, prediction.mask)
             footprint = self._footprint(plane)
             if footprint is not None:
                 mask = mask & _box_mask(mask.shape, footprint)
             # The mask's own box and centre ride along, so that a correction click there refines this result.
             carried = (
-                carried_prompts(mask, self.options, session.engine.prompt_types, footprint) if mask.any() else None
+                carried_prompts(mask, self.options, model.engine.prompt_types, footprint) if mask.any() else None
             )
             yield (
                 plane,

@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .errors import ModelError
+from .. import __version__
+from ..errors import ModelError
 
 CHUNK_BYTES = 1 << 20
 TIMEOUT_SECONDS = 30.0

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 #: bumped on any incompatible change; client and server must agree on it
 PROTOCOL_VERSION = 1

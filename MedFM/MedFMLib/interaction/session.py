@@ -14,14 +14,13 @@ because the old logits still carry the influence of the point that is gone.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .cache import EmbeddingCache, EmbeddingKey
-from .engines.base import Embedding, Engine, Prompts2D
-from .errors import PromptError
-from .geometry import (
+from ..engines.base import Embedding, Engine, Prompts2D
+from ..errors import PromptError
+from ..imaging.geometry import (
     SlicePlane,
     ViewLike,
     box_corners,
@@ -34,10 +33,22 @@ from .geometry import (
     roi_slice_range,
     write_slice,
 )
-from .intensity import Window, resolve_window
+from ..imaging.intensity import Window, resolve_window
+from ..imaging.resample import isotropic_shape, resize_linear
+from ..imaging.volume import Volume
+from .cache import EmbeddingCache, EmbeddingKey
+from .objects import (
+    PROPAGATED,
+    ROI,
+    BoxPrompt,
+    PointPrompt,
+    SegmentObject,
+    SessionObjects,
+    SliceState,
+    SliceUpdate,
+    as_ras,
+)
 from .propagation import BOTH, PropagationOptions, PropagationResult, Propagator
-from .resample import isotropic_shape, resize_linear
-from .volume import Volume
 
 # Resample a slice to square pixels only when the aspect ratio is off by more
 # than this: below it the interpolation blur costs more than the distortion.
@@ -51,80 +62,6 @@ _DEFAULT_COLORS = [
     (0.75, 0.45, 0.90),
     (0.30, 0.85, 0.80),
 ]
-
-
-@dataclass(frozen=True)
-class PointPrompt:
-    id: int
-    ras: tuple[float, float, float]
-    positive: bool
-
-
-@dataclass(frozen=True)
-class BoxPrompt:
-    id: int
-    corner_a: tuple[float, float, float]
-    corner_b: tuple[float, float, float]
-
-
-#: how a slice got its mask
-USER, ROI, PROPAGATED = "user", "roi", "propagated"
-
-
-@dataclass(frozen=True, eq=False)
-class SliceState:
-    """The prompts of one object on one plane, and the mask they produced.
-
-    ``points`` and ``box`` are what the user placed. A slice reached by
-    propagation (or the middle slice of a 3D box) also has ``carried`` prompts,
-    in the slice's own pixel coordinates, and ``carried_logits``, the
-    neighbour's low-resolution logits given to the model as a mask prompt.
-    """
-
-    plane: SlicePlane
-    points: tuple[PointPrompt, ...] = ()
-    box: BoxPrompt | None = None
-    mask: np.ndarray | None = None
-    logits: np.ndarray | None = None
-    score: float = 0.0
-    carried: Prompts2D | None = None
-    carried_logits: np.ndarray | None = None
-    origin: str = USER
-    #: the eight RAS corners of the 3D box this slice was seeded from (its middle slice only)
-    roi_corners: np.ndarray | None = None
-
-    @property
-    def has_prompts(self) -> bool:
-        """Whether the user placed a prompt on this slice."""
-        return bool(self.points) or self.box is not None
-
-    @property
-    def has_any_prompt(self) -> bool:
-        return self.has_prompts or self.carried is not None
-
-    @property
-    def is_anchor(self) -> bool:
-        """A slice the user prompted or corrected, or a 3D box's seed: propagation never overwrites it."""
-        return self.has_prompts or self.origin == ROI
-
-
-@dataclass
-class SegmentObject:
-    id: int
-    name: str
-    color: tuple[float, float, float]
-    mask: np.ndarray
-    slices: dict[SlicePlane, SliceState] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class SliceUpdate:
-    """What changed after an action: one plane of one object's mask."""
-
-    object_id: int
-    plane: SlicePlane
-    mask: np.ndarray | None
-    score: float
 
 
 @dataclass(frozen=True)
@@ -153,62 +90,6 @@ class SliceFrames:
     def embedding(self, index: int) -> Embedding:
         """Encoded once, through the session's cache, shared with clicks on the same slice."""
         return self.session.embedding(SlicePlane(self.axis, index))
-
-
-def _as_ras(point: Sequence[float]) -> tuple[float, float, float]:
-    values = np.asarray(point, dtype=np.float64).reshape(-1)
-    if values.shape != (3,) or not np.all(np.isfinite(values)):
-        raise PromptError(f"A RAS point needs three finite numbers, not {point!r}.")
-    return (float(values[0]), float(values[1]), float(values[2]))
-
-
-class SessionObjects:
-    """What a session's objects tell without the model: masks, prompts, the propagation axis.
-
-    Shared by :class:`Session` and the client's ``RemoteSession``, whose objects
-    mirror a server's.
-    """
-
-    volume: Volume
-    objects: dict[int, SegmentObject]
-
-    def mask(self, object_id: int) -> np.ndarray:
-        """The object's 3D mask, (K, J, I) bool, in the volume's own grid."""
-        return self._object(object_id).mask
-
-    def labelmap(self) -> np.ndarray:
-        """All objects as one (K, J, I) labelmap; label = object id, later objects on top."""
-        labels = np.zeros(self.volume.array.shape, dtype=np.uint16)
-        for obj in self.objects.values():
-            labels[obj.mask] = obj.id
-        return labels
-
-    def prompts(self, object_id: int) -> list[PointPrompt | BoxPrompt]:
-        result: list[PointPrompt | BoxPrompt] = []
-        for state in self._object(object_id).slices.values():
-            result.extend(state.points)
-            if state.box is not None:
-                result.append(state.box)
-        return result
-
-    def roi(self, object_id: int) -> np.ndarray | None:
-        """The eight RAS corners of the object's 3D box, if it has one."""
-        return next((s.roi_corners for s in self._object(object_id).slices.values() if s.roi_corners is not None), None)
-
-    def propagation_axis(self, object_id: int, view: ViewLike | None = None) -> int:
-        if view is not None:
-            return resolve_axis(self.volume.ijk_to_ras, view)
-        prompted = [s for s in self._object(object_id).slices.values() if s.is_anchor]
-        if not prompted:
-            raise PromptError("Nothing to propagate yet: segment one slice first (a click or a box), then propagate.")
-        newest = max(prompted, key=lambda s: max([p.id for p in s.points] + [s.box.id if s.box else 0]))
-        return newest.plane.axis
-
-    def _object(self, object_id: int) -> SegmentObject:
-        try:
-            return self.objects[object_id]
-        except KeyError:
-            raise PromptError(f"There is no object {object_id}; add one first.") from None
 
 
 class Session(SessionObjects):
@@ -262,12 +143,12 @@ class Session(SessionObjects):
     ) -> SliceUpdate:
         """Add a positive or negative click, given in RAS millimetres, in the given view."""
         obj = self._object(object_id)
-        ras = _as_ras(ras)
+        ras = as_ras(ras)
         plane = plane_through(self.volume, ras, view)
         before = obj.slices.get(plane)
         state = before or SliceState(plane)
         point = PointPrompt(self._next_prompt_id, ras, bool(positive))
-        after = self._predict(replace(state, points=state.points + (point,)), refine_from=state)
+        after = self.predict(replace(state, points=state.points + (point,)), refine_from=state)
         self._next_prompt_id += 1
         return self._commit([_Change(object_id, plane, before, after)])[0]
 
@@ -276,24 +157,24 @@ class Session(SessionObjects):
     ) -> SliceUpdate:
         """Set the object's box (two RAS corners on one slice), replacing any earlier box."""
         obj = self._object(object_id)
-        corner_a, corner_b = _as_ras(corner_a), _as_ras(corner_b)
+        corner_a, corner_b = as_ras(corner_a), as_ras(corner_b)
         plane, _ = box_on_plane(self.volume, corner_a, corner_b, view)
         changes = []
         for old_plane, old_state in obj.slices.items():
             if old_state.box is not None and old_plane != plane:
-                changes.append(_Change(object_id, old_plane, old_state, self._predict(replace(old_state, box=None))))
+                changes.append(_Change(object_id, old_plane, old_state, self.predict(replace(old_state, box=None))))
         before = obj.slices.get(plane)
         state = before or SliceState(plane)
         box = BoxPrompt(self._next_prompt_id, corner_a, corner_b)
         # A new box changes what the object is: start afresh rather than refine.
-        changes.append(_Change(object_id, plane, before, self._predict(replace(state, box=box))))
+        changes.append(_Change(object_id, plane, before, self.predict(replace(state, box=box))))
         self._next_prompt_id += 1
         return self._commit(changes)[-1]
 
     def move_prompt(self, object_id: int, prompt_id: int, ras: Sequence[float]) -> list[SliceUpdate]:
         """Move a point to a new RAS position (it may change slice), or a box's second corner."""
         obj = self._object(object_id)
-        ras = _as_ras(ras)
+        ras = as_ras(ras)
         state, prompt = self._find_prompt(obj, prompt_id)
         if isinstance(prompt, BoxPrompt):
             corner_a = prompt.corner_a
@@ -301,22 +182,22 @@ class Session(SessionObjects):
             if plane != state.plane:
                 raise PromptError("A box corner can only be moved within the box's own slice.")
             moved = replace(prompt, corner_b=ras)
-            return self._commit([_Change(object_id, plane, state, self._predict(replace(state, box=moved)))])
+            return self._commit([_Change(object_id, plane, state, self.predict(replace(state, box=moved)))])
         new_plane = plane_through(self.volume, ras, state.plane.axis)
         moved = replace(prompt, ras=ras)
         if new_plane == state.plane:
             points = tuple(moved if p.id == prompt_id else p for p in state.points)
-            return self._commit([_Change(object_id, state.plane, state, self._predict(replace(state, points=points)))])
+            return self._commit([_Change(object_id, state.plane, state, self.predict(replace(state, points=points)))])
         remaining = tuple(p for p in state.points if p.id != prompt_id)
         target_before = obj.slices.get(new_plane)
         target = target_before or SliceState(new_plane)
         changes = [
-            _Change(object_id, state.plane, state, self._predict(replace(state, points=remaining))),
+            _Change(object_id, state.plane, state, self.predict(replace(state, points=remaining))),
             _Change(
                 object_id,
                 new_plane,
                 target_before,
-                self._predict(replace(target, points=target.points + (moved,)), refine_from=target),
+                self.predict(replace(target, points=target.points + (moved,)), refine_from=target),
             ),
         ]
         return self._commit(changes)
@@ -336,7 +217,7 @@ class Session(SessionObjects):
             reduced = replace(state, box=None)
         else:
             reduced = replace(state, points=tuple(p for p in state.points if p.id != prompt_id))
-        return self._commit([_Change(object_id, state.plane, state, self._predict(reduced))])[0]
+        return self._commit([_Change(object_id, state.plane, state, self.predict(reduced))])[0]
 
     def clear_object(self, object_id: int) -> list[SliceUpdate]:
         """Remove all prompts of an object (undoable)."""
@@ -391,9 +272,9 @@ class Session(SessionObjects):
                                                      and not old_state.has_prompts):  # fmt: skip
                 result.states[old_plane], result.basis[old_plane] = None, old_state
         seed = SliceState(plane, carried=Prompts2D(box=footprint), origin=ROI, roi_corners=corners)
-        result.states[plane], result.basis[plane] = self._predict(seed), obj.slices.get(plane)
+        result.states[plane], result.basis[plane] = self.predict(seed), obj.slices.get(plane)
         if propagate:
-            walks = Propagator(self, object_id, axis, options, overlay=dict(result.states))
+            walks = Propagator(self, obj.slices, object_id, axis, options, overlay=dict(result.states))
             walked = walks.run(BOTH, progress=progress, cancel=cancel)
             for walked_plane, state in walked.states.items():
                 result.states[walked_plane] = state
@@ -435,7 +316,10 @@ class Session(SessionObjects):
     ) -> PropagationResult:
         """What ``propagate`` does, computed without changing the session (for a worker thread)."""
         axis = self.propagation_axis(object_id, view)
-        return Propagator(self, object_id, axis, options).run(direction, start, until_converged, progress, cancel)
+        slices = self._object(object_id).slices
+        return Propagator(self, slices, object_id, axis, options).run(
+            direction, start, until_converged, progress, cancel
+        )
 
     def repropagate(self, object_id: int, plane: SlicePlane, options: PropagationOptions | None = None):
         """After a correction on ``plane``: propagate from it, both ways, only as far as the change matters.
@@ -450,7 +334,8 @@ class Session(SessionObjects):
         ]
         if state is None or state.mask is None or not state.mask.any() or not propagated:
             return PropagationResult(object_id, plane.axis)
-        result = Propagator(self, object_id, plane.axis, options).run(BOTH, start=plane.index, until_converged=True)
+        walks = Propagator(self, obj.slices, object_id, plane.axis, options)
+        result = walks.run(BOTH, start=plane.index, until_converged=True)
         self.apply_propagation(result)
         return result
 
@@ -575,8 +460,11 @@ class Session(SessionObjects):
                 return state, state.box
         raise PromptError(f"Object {obj.id} has no prompt {prompt_id}.")
 
-    def _predict(self, state: SliceState, refine_from: SliceState | None = None) -> SliceState | None:
-        """Decode a state's prompts; None when no prompt is left on the plane."""
+    def predict(self, state: SliceState, refine_from: SliceState | None = None) -> SliceState | None:
+        """Decode a state's prompts (refining ``refine_from``'s logits); None when no prompt is left on the plane.
+
+        Reads the session only, so propagation may call it from a worker thread.
+        """
         if not state.has_any_prompt:
             return None
         if refine_from is not None and refine_from.has_any_prompt:

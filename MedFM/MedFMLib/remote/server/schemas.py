@@ -10,7 +10,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..propagation import PropagationOptions, StopCriteria
+from ...interaction.propagation import PropagationOptions, StopCriteria
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Ras = Annotated[list[Finite], Field(min_length=3, max_length=3)]

@@ -1,0 +1,1 @@
+"""Benchmarks behind `medfm bench`: clicks, propagation, remote."""

@@ -1,0 +1,1 @@
+"""Volumes, geometry, intensity and file I/O: arrays and matrices, no models, no MRML."""

@@ -1,0 +1,1 @@
+"""Sessions, propagation, the embedding cache and worker threads: no MRML, no Qt."""

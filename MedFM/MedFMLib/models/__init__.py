@@ -1,0 +1,1 @@
+"""The model catalog, the store, downloads and per-engine dependencies."""

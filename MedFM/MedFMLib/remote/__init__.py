@@ -1,0 +1,1 @@
+"""Remote inference: the wire protocol, the client and the server."""

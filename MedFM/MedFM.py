@@ -217,7 +217,8 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             button.enabled = True
         try:
             info = self.logic.store.info(name)
-            ready = self.logic.isModelReady(name)
+            state = self.logic.store.state(name)
+            ready = state.ready
         except Exception as error:  # a broken catalog: say so, keep the panel usable
             self.ui.modelStatusLabel.text = str(error)
             return
@@ -225,6 +226,8 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             status = "built in (no weights)"
         elif ready:
             status = f"downloaded ({self.logic.store.path(name)})"
+        elif state.label != "not downloaded":  # a file is there, but not verified as this model's
+            status = state.message
         else:
             status = "not downloaded yet" + (f": {info.download_note}" if not info.url and info.download_note else "")
         self.ui.modelStatusLabel.text = status
@@ -232,7 +235,7 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         note = f" {info.license_note}" if info.license_note else ""
         self.ui.modelLicenseLabel.text = f'{info.license}, {commercial}.{note} <a href="{info.homepage}">Homepage</a>'
         self.ui.downloadModelButton.enabled = info.needs_weights and not ready and bool(info.url)
-        self.ui.removeModelButton.enabled = info.needs_weights and ready
+        self.ui.removeModelButton.enabled = info.needs_weights and (ready or state.label != "not downloaded")
         missing = missing_requirements(info.engine)
         self.ui.installDependenciesButton.enabled = bool(missing)
         self.ui.dependenciesLabel.text = (

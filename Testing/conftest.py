@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,36 @@ def sphere_volume(geometry: str, dims=(48, 44, 24), radius_mm: float = 9.0, nois
         name=geometry,
     )
     return volume, masks[0], centre
+
+
+def run_medfm(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The `medfm` command in a real subprocess (UTF-8 whatever the locale), with extra environment variables."""
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("medfm")), *[str(a) for a in args]],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def add_fiducials(scene, name: str, *positions):
+    """A markups fiducial node with control points at the given RAS positions."""
+    import vtk
+
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+    for position in positions:
+        node.AddControlPoint(vtk.vtkVector3d(*[float(v) for v in position]))
+    return node
+
+
+def add_segmentation_node(scene, volume_node):
+    """An empty segmentation node on a volume node's geometry, with display nodes, as Slicer makes one."""
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    return node
 
 
 @pytest.fixture(params=sorted(GEOMETRIES))
@@ -165,7 +198,7 @@ class ServerProcess:
         return self.start(wait)
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
 
 
 def _free_port() -> int:
@@ -177,14 +210,16 @@ def _free_port() -> int:
 
 
 def server_home(folder: Path, tiny_sam_catalog: Path | None = None) -> tuple[Path, dict]:
-    """A MEDFM_HOME for a server, with the tiny SAM checkpoint 'downloaded' into it; and the env it needs."""
-    import shutil
+    """A MEDFM_HOME for a server, with the tiny SAM checkpoint imported into its store; and the env it needs."""
+    from MedFMLib.models.store import ModelStore
 
     env = {}
     if tiny_sam_catalog is not None:
-        (folder / "models").mkdir(parents=True, exist_ok=True)
-        shutil.copy(tiny_sam_catalog.parent / "sam_tiny.pth", folder / "models" / "sam_tiny.pth")
         env["MEDFM_CATALOG"] = str(tiny_sam_catalog)
+        with pytest.MonkeyPatch.context() as patch:  # the store reads the catalog named in the environment
+            patch.setenv("MEDFM_CATALOG", str(tiny_sam_catalog))
+            for name in ("sam_tiny", "medsam_tiny"):
+                ModelStore(folder).import_file(tiny_sam_catalog.parent / "sam_tiny.pth", name)
     return folder, env
 
 

@@ -304,22 +304,32 @@ def cmd_models(args: argparse.Namespace) -> int:
     store = ModelStore()
     if args.action == "list":
         models = store.models()
+        states = {name: store.state(name) for name in models}
         if args.json:
-            listed = [dict(vars(info), downloaded=store.is_downloaded(name)) for name, info in models.items()]
+            listed = [
+                dict(vars(info), downloaded=states[name].ready, state=states[name].label)
+                for name, info in models.items()
+            ]
             print(json.dumps(listed, indent=2, default=list))
             return 0
         print(f"{'NAME':<24} {'STATUS':<14} {'SIZE':>9}  {'COMMERCIAL':<10} LICENCE")
         for name, info in models.items():
+            state = states[name]
             if not info.needs_weights:
                 status, size = "built in", "-"
-            elif store.is_downloaded(name):
+            elif state.ready:
                 status, size = "downloaded", human_size(store.path(name).stat().st_size)
-            else:
+            elif state.label == "not downloaded":
                 status, size = "not yet", human_size(info.size) if info.size else "?"
+            else:  # a file is there, but not this entry's: say why below
+                status, size = state.label, human_size(store.path(name).stat().st_size)
             licence = info.license + (" *" if info.license_note else "")
             print(f"{name:<24} {status:<14} {size:>9}  {'yes' if info.commercial_use else 'NO':<10} {licence}")
         if any(info.license_note for info in models.values()):
             print("* licence to confirm before commercial use: see `medfm models list --json`")
+        for name, state in states.items():
+            if not state.ready and state.label != "not downloaded":
+                print(f"{name}: {state.message}")
         print(f"models folder: {store.models_dir}")
         return 0
     if args.action == "download":
@@ -338,7 +348,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         names = (
             [args.target]
             if args.target
-            else [n for n, i in store.models().items() if store.is_downloaded(n) and i.needs_weights]
+            else [n for n, i in store.models().items() if i.needs_weights and store.path(n).is_file()]
         )
         failed = 0
         for name in names:
@@ -350,7 +360,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     # remove
     if args.all:
-        names = [n for n, i in store.models().items() if i.needs_weights and store.is_downloaded(n)]
+        names = [n for n, i in store.models().items() if i.needs_weights and store.path(n).is_file()]
     elif args.target:
         names = [args.target]
     else:
@@ -432,7 +442,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.models:
         models = [name.strip() for name in args.models.split(",") if name.strip()]
     else:
-        models = [n for n, info in store.models().items() if not info.needs_weights or store.is_downloaded(n)]
+        models = [n for n, info in store.models().items() if not info.needs_weights or store.is_ready(n)]
     if not (1 <= args.port <= 65535):
         raise MedFMError(f"--port {args.port} is not a port number (1 to 65535).")
     limits = (args.session_ttl, args.max_session_mb, args.max_total_mb, args.cache_mb, args.max_upload_mb)

@@ -61,7 +61,7 @@ def write_tiny_sam_catalog(folder: str | Path, seed: int = 1234) -> Path:
             }
         )
     catalog = folder / "catalog.json"
-    catalog.write_text(json.dumps({"format": 1, "models": entries}))
+    catalog.write_text(json.dumps({"format": 1, "models": entries}), encoding="utf-8")
     return catalog
 
 
@@ -113,5 +113,5 @@ def write_tiny_sam2_catalog(folder: str | Path, seed: int = 1234) -> Path:
         "sam2_overrides": TINY_SAM2_OVERRIDES,
     }
     catalog = folder / "catalog.json"
-    catalog.write_text(json.dumps({"format": 1, "models": [entry]}))
+    catalog.write_text(json.dumps({"format": 1, "models": [entry]}), encoding="utf-8")
     return catalog

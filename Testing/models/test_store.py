@@ -20,6 +20,8 @@ from MedFMLib.models.store import ModelStore
 
 PAYLOAD = os.urandom(3 * (1 << 20) + 12345)
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
+OTHER_PAYLOAD = os.urandom(1 << 20)
+OTHER_DIGEST = hashlib.sha256(OTHER_PAYLOAD).hexdigest()
 
 
 class FileServer(ThreadingHTTPServer):
@@ -28,6 +30,7 @@ class FileServer(ThreadingHTTPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), Handler)
         self.requests: list[tuple[str, str | None]] = []
+        self.files = {"/model.pth": PAYLOAD, "/other.pth": OTHER_PAYLOAD}
         self.cut_first_after: int | None = None  # drop the first full transfer after this many bytes
 
 
@@ -38,17 +41,18 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         server: FileServer = self.server
         server.requests.append((self.path, self.headers.get("Range")))
-        if self.path != "/model.pth":
+        if self.path not in server.files:
             self.send_error(404)
             return
+        payload = server.files[self.path]
         start = 0
         if self.headers.get("Range"):
             start = int(self.headers["Range"].split("=")[1].split("-")[0])
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+            self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
         else:
             self.send_response(200)
-        body = PAYLOAD[start:]
+        body = payload[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if server.cut_first_after is not None and start == 0:
@@ -129,23 +133,23 @@ def test_two_processes_download_once(server, tmp_path):
     medfm = str(Path(sys.executable).with_name("medfm"))
     workers = [
         subprocess.Popen([medfm, "models", "download", "test_model"], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, encoding="utf-8")
         for _ in range(2)
     ]  # fmt: skip
     outputs = [w.communicate(timeout=120) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
-    assert (tmp_path / "home" / "models" / "test_model.pth").read_bytes() == PAYLOAD
+    assert (tmp_path / "home" / "models" / "test_model" / "test_model.pth").read_bytes() == PAYLOAD
     assert len(server.requests) == 1  # the second process waited for the lock and found the file
 
 
 def test_store_import_verify_remove(server, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDFM_CATALOG", str(_catalog(tmp_path, server)))
     store = ModelStore(tmp_path / "home")
-    assert not store.is_downloaded("test_model")
+    assert not store.is_ready("test_model")
     elsewhere = tmp_path / "copy.pth"
     elsewhere.write_bytes(PAYLOAD)
     path = store.import_file(elsewhere, "test_model")
-    assert path.read_bytes() == PAYLOAD and store.is_downloaded("test_model")
+    assert path.read_bytes() == PAYLOAD and store.is_ready("test_model")
     assert store.verify("test_model") == (True, "SHA-256 matches (published)")
     path.write_bytes(PAYLOAD[:-1] + b"x")  # silent corruption on disk
     ok, message = store.verify("test_model")
@@ -156,10 +160,10 @@ def test_store_import_verify_remove(server, tmp_path, monkeypatch):
         store.import_file(wrong, "test_model")
     # A custom checkpoint of a known architecture, usable by name.
     store.import_file(wrong, "my_finetune", arch="sam_vit_b")
-    assert store.info("my_finetune").arch == "vit_b" and store.is_downloaded("my_finetune")
+    assert store.info("my_finetune").arch == "vit_b" and store.is_ready("my_finetune")
     assert store.verify("my_finetune")[0]
     assert store.remove("my_finetune") and "my_finetune" not in store.models()
-    assert store.remove("test_model") and not store.is_downloaded("test_model")
+    assert store.remove("test_model") and not store.is_ready("test_model")
     with pytest.raises(ModelError, match="not in the catalog"):
         store.import_file(wrong, "unknown_name")
 
@@ -205,7 +209,9 @@ def test_offline_is_named_as_such(tmp_path):
 
 def _medfm(*args: str, env: dict) -> subprocess.CompletedProcess:
     medfm = str(Path(sys.executable).with_name("medfm"))
-    return subprocess.run([medfm, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [medfm, *args], env={**os.environ, **env}, capture_output=True, text=True, encoding="utf-8", timeout=120
+    )
 
 
 def test_models_list_shows_status_size_and_licence(server, tmp_path):
@@ -222,7 +228,7 @@ def test_models_list_shows_status_size_and_licence(server, tmp_path):
     listed = {m["name"]: m for m in json.loads(_medfm("models", "list", "--json", env=env).stdout)}
     assert listed["test_model"]["downloaded"] is True and listed["sam_vit_b"]["downloaded"] is False
     removed = _medfm("models", "remove", "test_model", env=env)
-    assert removed.returncode == 0 and not (tmp_path / "home" / "models" / "test_model.pth").exists()
+    assert removed.returncode == 0 and not (tmp_path / "home" / "models" / "test_model" / "test_model.pth").exists()
 
 
 class CatalogHandler(BaseHTTPRequestHandler):
@@ -247,7 +253,7 @@ def test_organisation_catalog_from_a_url_and_its_offline_copy(server, tmp_path):
     env = {"MEDFM_HOME": str(tmp_path / "home"), "MEDFM_CATALOG": catalog_url}
     online = _medfm("models", "download", "test_model", env=env)
     assert online.returncode == 0, online.stderr
-    assert (tmp_path / "home" / "models" / "test_model.pth").read_bytes() == PAYLOAD
+    assert (tmp_path / "home" / "models" / "test_model" / "test_model.pth").read_bytes() == PAYLOAD
     mirror.shutdown()
     mirror.server_close()
     offline = _medfm("models", "list", env=env)
@@ -270,3 +276,152 @@ def test_configure_points_the_store_and_catalog_elsewhere(server, tmp_path, monk
     assert "test_model" in store.models()
     configure(home="", catalog="")  # empty settings change nothing
     assert ModelStore().home == store.home
+
+
+# ------------------------------------------------------------ a file is never used unverified
+def _entry(name: str, server, path: str, sha256: str | None, filename: str) -> dict:
+    return {
+        "name": name, "engine": "sam", "arch": "vit_b", "task": "general", "prompts": ["point"],
+        "license": "Apache-2.0", "commercial_use": True, "homepage": "https://example.invalid",
+        "url": url(server, path), "sha256": sha256, "filename": filename,
+    }  # fmt: skip
+
+
+def _write_catalog(path: Path, *entries: dict) -> Path:
+    path.write_text(json.dumps({"models": list(entries)}))
+    return path
+
+
+def test_two_entries_with_the_same_file_name_each_get_their_own_verified_file(server, tmp_path):
+    """An organisation catalog where `a` and `b` share a file name but not a hash: `b` is never served `a`'s file."""
+    catalog = _write_catalog(
+        tmp_path / "org.json",
+        _entry("a", server, "/model.pth", DIGEST, "model.pth"),
+        _entry("b", server, "/other.pth", OTHER_DIGEST, "model.pth"),
+    )
+    env = {"MEDFM_HOME": str(tmp_path / "home"), "MEDFM_CATALOG": str(catalog)}
+    assert _medfm("models", "download", "a", env=env).returncode == 0
+    result = _medfm("models", "download", "b", env=env)
+    assert result.returncode == 0, result.stderr
+    assert [p for p, _ in server.requests] == ["/model.pth", "/other.pth"]  # b was fetched, not taken from a
+    store = ModelStore(tmp_path / "home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEDFM_CATALOG", str(catalog))
+        assert store.checkpoint("a", fetch=False).read_bytes() == PAYLOAD
+        assert store.checkpoint("b", fetch=False).read_bytes() == OTHER_PAYLOAD
+        assert store.verify("a") == (True, "SHA-256 matches (published)")
+        assert store.verify("b") == (True, "SHA-256 matches (published)")
+
+
+def test_an_entry_whose_address_serves_another_file_is_refused_and_keeps_nothing(server, tmp_path, monkeypatch):
+    # `b` publishes its own hash but its address serves `a`'s bytes: the download fails, `a` is untouched.
+    monkeypatch.setenv("MEDFM_CATALOG", str(_write_catalog(
+        tmp_path / "org.json",
+        _entry("a", server, "/model.pth", DIGEST, "model.pth"),
+        _entry("b", server, "/model.pth", OTHER_DIGEST, "model.pth"),
+    )))  # fmt: skip
+    store = ModelStore(tmp_path / "home")
+    store.download("a")
+    with pytest.raises(DownloadError, match="Checksum mismatch"):
+        store.download("b")
+    assert not store.is_ready("b") and not store.path("b").exists()
+    with pytest.raises(ModelError, match="not downloaded yet; run `medfm models download b`"):
+        store.checkpoint("b", fetch=False)
+    assert store.checkpoint("a", fetch=False).read_bytes() == PAYLOAD
+
+
+def test_an_organisation_override_of_a_shipped_entry_replaces_the_shipped_file(server, tmp_path, monkeypatch):
+    """sam_vit_b arrived from the shipped catalog; the organisation's catalog then names another file and hash."""
+    monkeypatch.delenv("MEDFM_CATALOG", raising=False)
+    store = ModelStore(tmp_path / "home")
+    shipped = tmp_path / "sam_vit_b_01ec64.pth"
+    shipped.write_bytes(PAYLOAD)
+    store.import_file(shipped, "sam_vit_b")  # as a download from the shipped address would leave it
+    assert store.is_ready("sam_vit_b")
+    overridden = dict(
+        vars(load_catalog()["sam_vit_b"]), url=url(server, "/other.pth"), sha256=OTHER_DIGEST, size=len(OTHER_PAYLOAD)
+    )
+    monkeypatch.setenv("MEDFM_CATALOG", str(_write_catalog(tmp_path / "org.json", overridden)))
+    state = store.state("sam_vit_b")
+    assert (state.ready, state.label) == (False, "mismatch")
+    assert "not the one its catalog entry publishes" in state.message
+    with pytest.raises(ModelError, match="Cannot use model 'sam_vit_b'.*medfm models download sam_vit_b"):
+        store.checkpoint("sam_vit_b", fetch=False)
+    assert store.checkpoint("sam_vit_b").read_bytes() == OTHER_PAYLOAD  # on first use: the organisation's file
+    assert store.verify("sam_vit_b") == (True, "SHA-256 matches (published)")
+
+
+def test_an_override_of_the_address_alone_makes_the_recorded_file_stale(server, tmp_path, monkeypatch):
+    # No published hash: the hash recorded on arrival vouches only for the address it came from.
+    monkeypatch.setenv("MEDFM_CATALOG", str(_catalog(tmp_path, server, sha256=None)))
+    store = ModelStore(tmp_path / "home")
+    store.download("test_model")
+    assert store.verify("test_model") == (True, "SHA-256 matches (recorded on arrival)")
+    moved = _entry("test_model", server, "/other.pth", None, "test_model.pth")
+    monkeypatch.setenv("MEDFM_CATALOG", str(_write_catalog(tmp_path / "org.json", moved)))
+    assert store.state("test_model").label == "stale"
+    assert store.download("test_model").read_bytes() == OTHER_PAYLOAD
+    assert store.is_ready("test_model") and [p for p, _ in server.requests] == ["/model.pth", "/other.pth"]
+
+
+def test_a_file_changed_on_disk_or_placed_by_hand_is_not_used(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDFM_CATALOG", str(_catalog(tmp_path, server, sha256=None)))
+    store = ModelStore(tmp_path / "home")
+    path = store.download("test_model")
+    path.write_bytes(PAYLOAD[:-1] + b"x")  # changed after it was verified: hashed again, and refused
+    assert store.state("test_model").label == "mismatch"
+    with pytest.raises(ModelError, match="checksum mismatch.*medfm models download test_model"):
+        store.checkpoint("test_model", fetch=False)
+    assert store.checkpoint("test_model").read_bytes() == PAYLOAD  # first use fetches this entry's file again
+    # Placed by hand, with no published hash and no record: nothing vouches for it.
+    (tmp_path / "home" / "registry.json").unlink()
+    state = store.state("test_model")
+    assert (state.ready, state.label) == (False, "unverified") and "medfm models import" in state.message
+    with pytest.raises(ModelError, match="placed by hand"):
+        store.checkpoint("test_model", fetch=False)
+
+
+def test_a_file_from_the_old_flat_layout_is_adopted_only_if_it_is_the_entrys(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDFM_CATALOG", str(_catalog(tmp_path, server)))
+    store = ModelStore(tmp_path / "home")
+    store.models_dir.mkdir(parents=True)
+    (store.models_dir / "test_model.pth").write_bytes(OTHER_PAYLOAD)  # someone else's file under this name
+    assert not store.is_ready("test_model") and (store.models_dir / "test_model.pth").exists()
+    (store.models_dir / "test_model.pth").write_bytes(PAYLOAD)
+    assert store.is_ready("test_model")
+    assert store.path("test_model").read_bytes() == PAYLOAD and not (store.models_dir / "test_model.pth").exists()
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("filename", ["/tmp/pwned.pth", "../../escaped.pth", "sub/dir.pth", ".hidden"])
+def test_a_catalog_file_name_never_leaves_the_models_folder(server, tmp_path, monkeypatch, filename):
+    monkeypatch.setenv("MEDFM_CATALOG", str(_write_catalog(
+        tmp_path / "org.json", _entry("evil", server, "/model.pth", DIGEST, filename)
+    )))  # fmt: skip
+    store = ModelStore(tmp_path / "home")
+    with pytest.raises(ModelError, match="unsafe file name"):
+        store.download("evil")
+    with pytest.raises(ModelError, match="unsafe file name"):
+        store.remove("evil")
+    assert server.requests == [] and not list(tmp_path.rglob("*.pth"))
+
+
+def test_a_download_of_another_size_than_the_catalog_says_is_deleted(server, tmp_path):
+    with pytest.raises(DownloadError, match=f"Downloaded {len(PAYLOAD)} bytes.*catalog says {len(PAYLOAD) + 1}"):
+        download(url(server), tmp_path / "m.pth", expected_size=len(PAYLOAD) + 1)
+    assert not (tmp_path / "m.pth").exists() and not (tmp_path / "m.pth.part").exists()
+
+
+def test_models_verify_fails_on_a_damaged_file(server, tmp_path):
+    env = {"MEDFM_HOME": str(tmp_path / "home"), "MEDFM_CATALOG": str(_catalog(tmp_path, server))}
+    assert _medfm("models", "download", "test_model", env=env).returncode == 0
+    good = _medfm("models", "verify", env=env)
+    assert good.returncode == 0 and "test_model: OK" in good.stdout
+    damaged = tmp_path / "home" / "models" / "test_model" / "test_model.pth"
+    damaged.write_bytes(PAYLOAD[:-1] + b"x")
+    bad = _medfm("models", "verify", env=env)
+    assert bad.returncode == 1 and "test_model: FAILED: checksum mismatch" in bad.stdout
+    assert bad.stderr.count("\n") == 1 and "failed verification" in bad.stderr
+    listed = _medfm("models", "list", env=env)
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("test_model"))
+    assert row.split()[1] == "mismatch" and "test_model: checksum mismatch" in listed.stdout

@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,15 +109,17 @@ def download(
     expected_size: int | None = None,
     progress: ProgressCallback | None = None,
     timeout: float = TIMEOUT_SECONDS,
+    lock: bool = True,
 ) -> Path:
     """Download ``url`` to ``destination``, resuming a partial file, and verify it.
 
     With ``sha256`` the file is checked before it is put in place, and deleted
-    on a mismatch. Returns the destination path.
+    on a mismatch. Returns the destination path. ``lock=False``: the caller
+    already holds ``destination``'s lock (the model store does).
     """
     destination = Path(destination)
     partial = destination.with_name(destination.name + ".part")
-    with file_lock(destination.with_name(destination.name + ".lock")):
+    with file_lock(destination.with_name(destination.name + ".lock")) if lock else nullcontext():
         if destination.exists():
             return destination  # another process finished it while we waited
         try:

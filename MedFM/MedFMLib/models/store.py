@@ -1,22 +1,28 @@
 """The model store: where checkpoints live, how they arrive, and how they go.
 
-Files live in ``$MEDFM_HOME/models`` (default: the platform's user cache
-folder). A model is fetched on first use and kept until removed. Air-gapped
-sites import files they obtained elsewhere. Custom checkpoints of a known
-architecture (a fine-tuned SAM) are registered under a name of their own and
-then work everywhere a catalog name does.
+Files live in ``$MEDFM_HOME/models/NAME/FILENAME`` (default home: the
+platform's user cache folder), one folder per model name, so that two
+catalog entries that share a file name never share a file. A model is fetched
+on first use and kept until removed. Air-gapped sites import files they
+obtained elsewhere. Custom checkpoints of a known architecture (a fine-tuned
+SAM) are registered under a name of their own and then work everywhere a
+catalog name does.
 
-Where the authors publish no checksum, the catalog says so; MedFM then records
-the SHA-256 of the file it received and verifies the file against that record
-later, so silent corruption is still caught.
+A file is never used unverified. Before an entry is called ready its file is
+checked against the entry's published SHA-256; where the authors publish none
+(the catalog says so), against the SHA-256 recorded when that entry's file
+arrived, from that entry's address. The registry remembers each verified
+file's size and modification time, so the 2.5 GB hash is computed once, not at
+every start; a file that changed since is hashed again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import ModelError
@@ -25,6 +31,35 @@ from .catalog import ModelInfo, get_model_info, load_catalog
 from .download import ProgressCallback, download, file_lock, sha256_of
 
 REGISTRY_NAME = "registry.json"
+
+#: one plain path component: a model or file name can never point outside its folder
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def _check_safe(kind: str, value: str, name: str) -> str:
+    if not _SAFE_NAME.match(value) or ".." in value:
+        raise ModelError(
+            f"The catalog entry '{name}' has an unsafe {kind} {value!r} (only letters, digits and . _ + -, "
+            "no folders); fix the catalog."
+        )
+    return value
+
+
+def _no_address(info: ModelInfo) -> ModelError:
+    hint = f" {info.download_note}" if info.download_note else ""
+    return ModelError(
+        f"Model '{info.name}' has no download address.{hint} Then run `medfm models import FILE --name {info.name}`."
+    )
+
+
+@dataclass(frozen=True)
+class FileState:
+    """Whether a model's file may be used, and if not, why and what to do."""
+
+    ready: bool
+    #: built in, ready, not downloaded, unverified, stale, mismatch
+    label: str
+    message: str
 
 
 class ModelStore:
@@ -38,17 +73,27 @@ class ModelStore:
 
     def _read_registry(self) -> dict:
         try:
-            return json.loads(self._registry_path().read_text(encoding="utf-8"))
+            registry = json.loads(self._registry_path().read_text(encoding="utf-8"))
         except FileNotFoundError:
-            return {"custom": {}, "hashes": {}}
+            registry = {}
         except ValueError:
             raise ModelError(f"{self._registry_path()} is damaged; delete it and import custom models again.") from None
+        # "hashes": what MedFM before per-model folders recorded on arrival, by name
+        for key in ("custom", "files", "hashes"):
+            registry.setdefault(key, {})
+        return registry
 
     def _write_registry(self, registry: dict) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         temporary = self._registry_path().with_suffix(".tmp")
         temporary.write_text(json.dumps(registry, indent=2), encoding="utf-8")
         os.replace(temporary, self._registry_path())
+
+    def _update_registry(self, change) -> None:
+        with file_lock(self.home / "registry.lock"):
+            registry = self._read_registry()
+            change(registry)
+            self._write_registry(registry)
 
     def models(self) -> dict[str, ModelInfo]:
         """Catalog models plus custom ones registered in this store."""
@@ -60,6 +105,7 @@ class ModelStore:
                 url=None,
                 sha256=None,
                 size=None,
+                filename=entry.get("filename"),
                 description=f"custom checkpoint of {entry['base']} architecture",
             )
         return models
@@ -72,47 +118,122 @@ class ModelStore:
 
     # ------------------------------------------------------------------ files
     def path(self, name: str) -> Path:
+        """Where the model's file lives: its own folder, named after the model."""
         info = self.info(name)
-        return self.models_dir / (info.filename or f"{name}.pth")
+        filename = _check_safe("file name", info.filename or f"{name}.pth", name)
+        return self.models_dir / _check_safe("name", name, name) / filename
 
-    def is_downloaded(self, name: str) -> bool:
+    def state(self, name: str, deep: bool = False) -> FileState:
+        """Whether the model's file is this entry's file; ``deep`` hashes it even when it looks unchanged."""
         info = self.info(name)
-        return not info.needs_weights or self.path(name).is_file()
+        if not info.needs_weights:
+            return FileState(True, "built in", "no weights")
+        path = self.path(name)
+        if not path.is_file():
+            self._adopt_legacy_file(name, info, path)
+        if not path.is_file():
+            return FileState(
+                False, "not downloaded", f"'{name}' is not downloaded yet; run `medfm models download {name}`"
+            )
+        record = self._read_registry()["files"].get(name)
+        published = info.sha256.lower() if info.sha256 else None
+        if record is None:
+            if published is None:
+                return FileState(
+                    False, "unverified",
+                    f"the file of '{name}' was placed by hand and there is no checksum to compare it with; "
+                    f"import it with `medfm models import FILE --name {name}`",
+                )  # fmt: skip
+            return self._check(name, path, published, info.url, "published")
+        if published is not None and record["sha256"] != published:
+            return FileState(
+                False, "mismatch",
+                f"the stored file of '{name}' is not the one its catalog entry publishes (SHA-256 "
+                f"{record['sha256'][:12]}…, expected {published[:12]}…); run `medfm models download {name}`",
+            )  # fmt: skip
+        if published is None and record.get("source") != info.url:
+            return FileState(
+                False, "stale",
+                f"the file of '{name}' came from {record.get('source') or 'an import'}, but its catalog entry now "
+                f"names {info.url or 'no address'}; download or import it again",
+            )  # fmt: skip
+        how = "published" if published else "recorded on arrival"
+        stat = path.stat()
+        if not deep and (stat.st_size, stat.st_mtime_ns) == (record.get("size"), record.get("mtime_ns")):
+            return FileState(True, "ready", f"SHA-256 matches ({how})")
+        return self._check(name, path, record["sha256"], record.get("source"), how)
+
+    def _check(self, name: str, path: Path, expected: str, source: str | None, how: str) -> FileState:
+        """Hash the file; record it when it is the expected one."""
+        actual = sha256_of(path)
+        if actual != expected:
+            return FileState(
+                False, "mismatch",
+                f"checksum mismatch for '{name}' (file {actual[:12]}…, expected {expected[:12]}…): "
+                f"run `medfm models download {name}` to fetch it again",
+            )  # fmt: skip
+        self._record(name, path, actual, source)
+        return FileState(True, "ready", f"SHA-256 matches ({how})")
+
+    def _adopt_legacy_file(self, name: str, info: ModelInfo, path: Path) -> None:
+        """Move a file from the old flat layout (models/FILENAME) into the model's folder, if it is this entry's."""
+        legacy = self.models_dir / path.name
+        if not legacy.is_file():
+            return
+        expected = info.sha256.lower() if info.sha256 else self._read_registry()["hashes"].get(name)
+        if expected is None or sha256_of(legacy) != expected:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(legacy, path)
+        self._record(name, path, expected, info.url)
+
+    def is_ready(self, name: str) -> bool:
+        """Whether the model can run: no weights needed, or its file verified for this entry."""
+        return self.state(name).ready
 
     def checkpoint(self, name: str, progress: ProgressCallback | None = None, fetch: bool = True) -> Path | None:
-        """The model's checkpoint file, downloading it first if needed (None for weight-free models)."""
+        """The model's verified checkpoint, downloading it first if needed (None for weight-free models)."""
         info = self.info(name)
         if not info.needs_weights:
             return None
-        path = self.path(name)
-        if path.is_file():
-            return path
-        if not fetch:
-            raise ModelError(f"Model '{name}' is not downloaded yet; run `medfm models download {name}`.")
-        return self.download(name, progress)
+        state = self.state(name)
+        if state.ready:
+            return self.path(name)
+        if not info.url and state.label == "not downloaded":
+            raise _no_address(info)
+        if fetch and info.url:
+            return self.download(name, progress)
+        raise ModelError(f"Cannot use model '{name}': {state.message}.")
 
     def download(self, name: str, progress: ProgressCallback | None = None) -> Path:
+        """Fetch the entry's file unless its verified file is already here; a file that is not its own is replaced."""
         info = self.info(name)
         if not info.needs_weights:
             raise ModelError(f"Model '{name}' has no weights to download.")
         if not info.url:
-            hint = f" {info.download_note}" if info.download_note else ""
-            raise ModelError(
-                f"Model '{name}' has no download address.{hint} Then run `medfm models import FILE --name {name}`."
-            )
-        path = download(info.url, self.path(name), sha256=info.sha256, expected_size=info.size, progress=progress)
-        # download() has already checked a published hash; hash again only when there was none.
-        self._record(name, info.sha256.lower() if info.sha256 else sha256_of(path))
+            raise _no_address(info)
+        path = self.path(name)
+        with file_lock(path.with_name(path.name + ".lock")):
+            if self.state(name).ready:
+                return path  # already here, or another process finished it while we waited
+            path.unlink(missing_ok=True)
+            download(info.url, path, sha256=info.sha256, expected_size=info.size, progress=progress, lock=False)
+            # download() has already checked a published hash; hash again only when there was none.
+            self._record(name, path, info.sha256.lower() if info.sha256 else sha256_of(path), info.url)
         return path
 
-    def _record(self, name: str, digest: str, custom: dict | None = None) -> None:
-        """Remember a file's SHA-256 (and a custom model's entry) in the registry."""
-        with file_lock(self.home / "registry.lock"):
-            registry = self._read_registry()
+    def _record(self, name: str, path: Path, digest: str, source: str | None, custom: dict | None = None) -> None:
+        """Remember a verified file: its SHA-256, size, modification time and where it came from."""
+        stat = path.stat()
+        entry = {"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "source": source}
+
+        def change(registry: dict) -> None:
             if custom is not None:
                 registry["custom"][name] = custom
-            registry["hashes"][name] = digest
-            self._write_registry(registry)
+            registry["files"][name] = entry
+            registry["hashes"].pop(name, None)
+
+        self._update_registry(change)
 
     def import_file(self, source: str | Path, name: str, arch: str | None = None) -> Path:
         """Copy a checkpoint obtained elsewhere into the store, verified against the catalog's hash."""
@@ -123,6 +244,7 @@ class ModelStore:
         if arch is not None:
             if name in catalog:
                 raise ModelError(f"'{name}' is a catalog model; give the custom checkpoint another name.")
+            _check_safe("name", name, name)
             base = get_model_info(arch)
             if not base.needs_weights:
                 raise ModelError(f"'{arch}' has no weights; give a SAM model's name as --arch, e.g. sam_vit_b.")
@@ -138,47 +260,40 @@ class ModelStore:
                 f"{source.name} is not the published {name} file (SHA-256 {actual[:12]}…, expected "
                 f"{info.sha256[:12]}…); get the official file, or import it under another name with --arch."
             )
-        self._record(name, actual, custom={"base": arch, "filename": f"{name}.pth"} if arch is not None else None)
-        destination = self.path(name)
+        custom = {"base": arch, "filename": f"{name}.pth"} if arch is not None else None
+        destination = self.models_dir / name / custom["filename"] if custom is not None else self.path(name)
         destination.parent.mkdir(parents=True, exist_ok=True)
         temporary = destination.with_name(destination.name + ".part")
         shutil.copyfile(source, temporary)
         os.replace(temporary, destination)
+        self._record(name, destination, actual, info.url if info is not None else None, custom=custom)
         return destination
 
     def verify(self, name: str) -> tuple[bool, str]:
-        """Check a stored file against the published hash, else against the one recorded on arrival."""
-        info = self.info(name)
-        if not info.needs_weights:
-            return True, "no weights"
-        path = self.path(name)
-        if not path.is_file():
-            return False, "not downloaded"
-        actual = sha256_of(path)
-        expected = info.sha256 or self._read_registry()["hashes"].get(name)
-        if expected is None:
-            return False, "no checksum to compare with (placed by hand?); import it again"
-        if actual != expected.lower():
-            return False, f"checksum mismatch (file {actual[:12]}…, expected {expected[:12]}…): download it again"
-        source = "published" if info.sha256 else "recorded on arrival"
-        return True, f"SHA-256 matches ({source})"
+        """Hash a stored file and check it against the published hash, else the one recorded on arrival."""
+        state = self.state(name, deep=True)
+        return state.ready, state.message
 
     def remove(self, name: str) -> bool:
         """Delete a model's file (and partial download). Returns whether anything was removed."""
-        self.info(name)
         path = self.path(name)
         removed = False
-        for candidate in (path, path.with_name(path.name + ".part")):
+        for candidate in (path, path.with_name(path.name + ".part"), path.with_name(path.name + ".lock")):
             if candidate.exists():
+                removed |= candidate != path.with_name(path.name + ".lock")
                 candidate.unlink()
-                removed = True
-        with file_lock(self.home / "registry.lock"):
-            registry = self._read_registry()
+        if path.parent.is_dir() and not any(path.parent.iterdir()):
+            path.parent.rmdir()
+
+        def change(registry: dict) -> None:
+            nonlocal removed
+            registry["files"].pop(name, None)
             registry["hashes"].pop(name, None)
             if name in registry["custom"]:
                 del registry["custom"][name]
                 removed = True
-            self._write_registry(registry)
+
+        self._update_registry(change)
         return removed
 
 

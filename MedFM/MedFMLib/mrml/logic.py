@@ -99,7 +99,7 @@ class SegmentationLogic:
     def isModelReady(self, modelName: str) -> bool:
         if self.isRemote:
             return self.serverModels().get(modelName, {}).get("state", "not offered") in ("ready", "loaded")
-        return self.store.is_downloaded(modelName)
+        return self.store.is_ready(modelName)
 
     def downloadModel(self, modelName: str, progress: Callable | None = None):
         return self.store.download(modelName, progress=progress)

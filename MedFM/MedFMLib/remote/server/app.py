@@ -98,7 +98,7 @@ class ModelRegistry:
     def state(self, name: str) -> str:
         if name in self._engines:
             return "loaded"
-        if self.config.random_weights or self.store.is_downloaded(name):
+        if self.config.random_weights or self.store.is_ready(name):
             return "ready"
         return "not downloaded"
 

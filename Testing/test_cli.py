@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import slicerio
 
+from conftest import run_medfm as run
 from conftest import sphere_volume
 from MedFMLib.imaging.geometry import extract_slice, plane_through
 from MedFMLib.imaging.io import read_volume, write_volume
 from MedFMLib.imaging.volume import ras_to_lps_matrix
 from MedFMLib.models.catalog import get_model_info
-
-MEDFM = [str(Path(sys.executable).with_name("medfm"))]
-
-
-def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        MEDFM + [str(a) for a in args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def coords(ras) -> str:

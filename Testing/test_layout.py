@@ -40,7 +40,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     module, is_package = _module_name(path)
     package = module.split(".") if is_package else module.split(".")[:-1]
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[: len(package) - node.level + 1]
@@ -79,13 +79,13 @@ def test_the_packages_folders_are_packages_and_no_module_is_too_long():
     for folder in [p for p in LIBRARY.rglob("*") if p.is_dir() and p.name != "__pycache__"]:
         if any(folder.glob("*.py")):
             assert (folder / "__init__.py").is_file(), folder
-    lengths = {p.relative_to(LIBRARY): len(p.read_text().splitlines()) for p in LIBRARY.rglob("*.py")}
+    lengths = {p.relative_to(LIBRARY): len(p.read_text(encoding="utf-8").splitlines()) for p in LIBRARY.rglob("*.py")}
     long = [f"{path} ({n})" for path, n in lengths.items() if n > 600]
     assert not long, f"modules over 600 lines: {long}"
 
 
 def test_slicer_installs_every_data_file_of_the_library():
-    cmake = (LIBRARY.parent / "CMakeLists.txt").read_text()
+    cmake = (LIBRARY.parent / "CMakeLists.txt").read_text(encoding="utf-8")
     resources = set(re.findall(r"MedFMLib/\S+", cmake))
     data = {f"MedFMLib/{p.relative_to(LIBRARY).as_posix()}" for p in LIBRARY.rglob("*") if p.suffix == ".json"}
     assert data and data <= resources, f"not installed by CMake: {sorted(data - resources)}"

@@ -30,14 +30,14 @@ def _ui_names(path: Path) -> set[str]:
 def test_every_ui_element_the_code_names_exists_in_its_ui_file():
     for source, ui_files in GUI_FILES.items():
         names = set().union(*(_ui_names(f) for f in ui_files))
-        used = set(re.findall(r"self\.ui\.(\w+)", source.read_text()))
+        used = set(re.findall(r"self\.ui\.(\w+)", source.read_text(encoding="utf-8")))
         assert used, source
         assert used <= names, f"{source.name} names UI elements missing from its .ui: {sorted(used - names)}"
 
 
 def test_start_up_files_import_only_what_slicer_has():
     for source in [MODULE / "MedFM.py", *GUI_FILES]:
-        tree = ast.parse(source.read_text())
+        tree = ast.parse(source.read_text(encoding="utf-8"))
         for node in tree.body:  # module level only: imports inside functions are lazy
             if isinstance(node, ast.Import):
                 modules = [alias.name.split(".")[0] for alias in node.names]
@@ -50,11 +50,11 @@ def test_start_up_files_import_only_what_slicer_has():
 
 
 def test_cmake_installs_every_gui_file_and_resource():
-    cmake = (MODULE / "CMakeLists.txt").read_text()
+    cmake = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     for path in ["SegmentEditorMedFMLib/SegmentEditorEffect.py", "Resources/UI/SegmentEditorMedFM.ui"]:
         assert path in cmake and (MODULE / path).is_file()
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cmake
-    top = (ROOT / "CMakeLists.txt").read_text()
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for field in ["EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                   "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"]:  # fmt: skip
         assert re.search(rf"set\({field} \"[^\"]+\"\)", top), field
@@ -63,7 +63,7 @@ def test_cmake_installs_every_gui_file_and_resource():
 
 
 def test_extensions_index_entry():
-    entry = json.loads((ROOT / "MedFM.json").read_text())
+    entry = json.loads((ROOT / "MedFM.json").read_text(encoding="utf-8"))
     assert entry["category"] == "Segmentation"
     assert entry["build_dependencies"] == ["PyTorch"]
     assert entry["scm_url"].startswith("https://github.com/")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import vtk
 
-from conftest import sphere_volume
+from conftest import add_fiducials, add_segmentation_node, sphere_volume
 from MedFMLib.engines.classic import ClassicEngine
 from MedFMLib.errors import PromptError, VolumeError
 from MedFMLib.imaging.geometry import plane_through
@@ -31,20 +31,6 @@ def _matrix(array) -> vtk.vtkMatrix4x4:
         for c in range(4):
             matrix.SetElement(r, c, float(array[r][c]))
     return matrix
-
-
-def _points(scene, name, *positions):
-    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
-    for position in positions:
-        node.AddControlPoint(vtk.vtkVector3d(*[float(v) for v in position]))
-    return node
-
-
-def _segmentation(scene, volume_node):
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
-    node.CreateDefaultDisplayNodes()
-    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    return node
 
 
 @pytest.fixture
@@ -125,8 +111,8 @@ def test_viewer_window_level_becomes_the_intensity_window(mrml_scene, logic):
 def test_a_click_segments_the_true_cross_section_into_the_segment(mrml_scene, logic, geometry, view):
     volume, truth, centre = sphere_volume(geometry)
     volume_node = add_volume_node(mrml_scene, volume)
-    segmentation = _segmentation(mrml_scene, volume_node)
-    clicks = _points(mrml_scene, "clicks", centre)
+    segmentation = add_segmentation_node(mrml_scene, volume_node)
+    clicks = add_fiducials(mrml_scene, "clicks", centre)
     segment_id = logic.segment(volume_node, segmentation, "sphere", positivePointsNode=clicks, view=view)
     written = segment_array(segmentation, segment_id, volume)
     plane = plane_through(volume, centre, view)
@@ -139,13 +125,14 @@ def test_a_click_segments_the_true_cross_section_into_the_segment(mrml_scene, lo
 def test_segment_geometry_survives_a_transformed_segmentation(mrml_scene, logic):
     volume, truth, centre = sphere_volume("oblique_lps")
     volume_node = add_volume_node(mrml_scene, volume)
-    segmentation = _segmentation(mrml_scene, volume_node)
+    segmentation = add_segmentation_node(mrml_scene, volume_node)
     shift = np.eye(4)
     shift[:3, 3] = (4.0, 0.0, -3.0)
     transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     transform.SetMatrixTransformToParent(_matrix(shift))
     segmentation.SetAndObserveTransformNodeID(transform.GetID())
-    segment_id = logic.segment(volume_node, segmentation, "s", positivePointsNode=_points(mrml_scene, "p", centre))
+    clicks = add_fiducials(mrml_scene, "p", centre)
+    segment_id = logic.segment(volume_node, segmentation, "s", positivePointsNode=clicks)
     plane = plane_through(volume, centre, "axial")
     assert (
         segment_array(segmentation, segment_id, volume)[plane.array_index()].sum() == truth[plane.array_index()].sum()
@@ -155,7 +142,7 @@ def test_segment_geometry_survives_a_transformed_segmentation(mrml_scene, logic)
 def test_negative_points_and_roi_boxes_come_from_markups(mrml_scene, logic):
     volume, truth, centre = sphere_volume("oblique_anisotropic")
     volume_node = add_volume_node(mrml_scene, volume)
-    segmentation = _segmentation(mrml_scene, volume_node)
+    segmentation = add_segmentation_node(mrml_scene, volume_node)
     roi = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
     roi.SetXYZ(*centre)
     roi.SetRadiusXYZ(30.0, 30.0, 1.0)
@@ -167,7 +154,7 @@ def test_negative_points_and_roi_boxes_come_from_markups(mrml_scene, logic):
     np.testing.assert_array_equal(got, truth[plane.array_index()])
     # Negative points arrive as negative prompts: the same result as the session given them directly.
     inner = volume.ijk_to_ras_points(volume.ras_to_ijk_points(np.array([centre])) + [[4, 0, 0]])[0]
-    positive, negative = _points(mrml_scene, "pos", centre), _points(mrml_scene, "neg", inner)
+    positive, negative = add_fiducials(mrml_scene, "pos", centre), add_fiducials(mrml_scene, "neg", inner)
     segment_id = logic.segment(
         volume_node, segmentation, "pn", positivePointsNode=positive, negativePointsNode=negative
     )
@@ -183,10 +170,10 @@ def test_negative_points_and_roi_boxes_come_from_markups(mrml_scene, logic):
 def test_a_prompt_outside_the_volume_leaves_the_segmentation_unchanged(mrml_scene, logic):
     volume, _, centre = sphere_volume("lps_anisotropic")
     volume_node = add_volume_node(mrml_scene, volume)
-    segmentation = _segmentation(mrml_scene, volume_node)
-    first = logic.segment(volume_node, segmentation, "kept", positivePointsNode=_points(mrml_scene, "a", centre))
+    segmentation = add_segmentation_node(mrml_scene, volume_node)
+    first = logic.segment(volume_node, segmentation, "kept", positivePointsNode=add_fiducials(mrml_scene, "a", centre))
     before = segment_array(segmentation, first, volume).copy()
-    outside = _points(mrml_scene, "b", np.asarray(centre) + 500.0)
+    outside = add_fiducials(mrml_scene, "b", np.asarray(centre) + 500.0)
     with pytest.raises(PromptError, match="outside the volume"):
         logic.segment(volume_node, segmentation, "kept", positivePointsNode=outside)
     np.testing.assert_array_equal(segment_array(segmentation, first, volume), before)
@@ -198,11 +185,12 @@ def test_a_prompt_outside_the_volume_leaves_the_segmentation_unchanged(mrml_scen
 def test_other_slices_of_the_segment_are_kept(mrml_scene, logic):
     volume, truth, centre = sphere_volume("ras_aligned")
     volume_node = add_volume_node(mrml_scene, volume)
-    segmentation = _segmentation(mrml_scene, volume_node)
+    segmentation = add_segmentation_node(mrml_scene, volume_node)
     plane = plane_through(volume, centre, "axial")
     above = volume.ijk_to_ras_points(volume.ras_to_ijk_points(np.array([centre])) + [[0, 0, 2]])[0]
-    segment_id = logic.segment(volume_node, segmentation, "s", positivePointsNode=_points(mrml_scene, "a", centre))
-    logic.segment(volume_node, segmentation, "s", positivePointsNode=_points(mrml_scene, "b", above))
+    clicks = add_fiducials(mrml_scene, "a", centre)
+    segment_id = logic.segment(volume_node, segmentation, "s", positivePointsNode=clicks)
+    logic.segment(volume_node, segmentation, "s", positivePointsNode=add_fiducials(mrml_scene, "b", above))
     written = segment_array(segmentation, segment_id, volume)
     upper = plane_through(volume, above, "axial")
     assert upper != plane
@@ -214,7 +202,7 @@ def test_other_slices_of_the_segment_are_kept(mrml_scene, logic):
 def test_segment_editor_masking_and_overwrite_are_honoured(mrml_scene):
     volume, truth, centre = sphere_volume("oblique_anisotropic")
     volume_node = add_volume_node(mrml_scene, volume)
-    segmentation = _segmentation(mrml_scene, volume_node)
+    segmentation = add_segmentation_node(mrml_scene, volume_node)
     other = ensure_segment(segmentation, "other")
     target = ensure_segment(segmentation, "target")
     half = np.zeros_like(truth)
@@ -257,8 +245,8 @@ def test_out_of_memory_is_recognised():
 def test_a_model_not_yet_downloaded_is_named(mrml_scene, logic):
     volume, _, centre = sphere_volume("ras_aligned")
     volume_node = add_volume_node(mrml_scene, volume)
-    segmentation = _segmentation(mrml_scene, volume_node)
+    segmentation = add_segmentation_node(mrml_scene, volume_node)
     with pytest.raises(Exception, match="not downloaded yet; run `medfm models download sam_vit_b`"):
-        logic.segment(volume_node, segmentation, "s", positivePointsNode=_points(mrml_scene, "a", centre),
+        logic.segment(volume_node, segmentation, "s", positivePointsNode=add_fiducials(mrml_scene, "a", centre),
                       modelName="sam_vit_b")  # fmt: skip
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 0

@@ -251,19 +251,21 @@ def test_a_token_is_generated_at_first_start_shown_once_and_kept(tmp_path):
     command = [sys.executable, "-m", "MedFMLib.cli", "serve", "--port", "1", "--max-batch", "0"]
     env = {"MEDFM_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     # --max-batch 0 is refused after the token step, so the server does not stay up.
-    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    first = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", env=env, timeout=60)
     token_file = tmp_path / "server_token"
-    token = token_file.read_text().strip()
+    token = token_file.read_text(encoding="utf-8").strip()
     assert len(token) >= 32 and token in first.stdout and "shown this once" in first.stdout
     assert token_file.stat().st_mode & 0o777 == 0o600
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    second = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", env=env, timeout=60)
     assert token not in second.stdout + second.stderr and "Using the token saved" in second.stdout
     assert second.stderr.strip().count("\n") == 0 and "medfm: error:" in second.stderr
 
 
 def test_a_short_token_is_refused(tmp_path):
     command = [sys.executable, "-m", "MedFMLib.cli", "serve", "--token", "short"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env={"MEDFM_HOME": str(tmp_path)})
+    result = subprocess.run(
+        command, capture_output=True, text=True, encoding="utf-8", timeout=60, env={"MEDFM_HOME": str(tmp_path)}
+    )
     assert result.returncode == 1 and "at least 16 characters" in result.stderr
 
 

@@ -70,6 +70,49 @@ def add_segmentation_node(scene, volume_node):
     return node
 
 
+# ------------------------------------------------------------------ oracles
+# Answers computed here, without MedFM's code, for tests to compare MedFM's results with.
+_FACES = {
+    2: [(1, 0), (-1, 0), (0, 1), (0, -1)],
+    3: [(1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)],
+}
+
+
+def face_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components of a 2D or 3D boolean array, face neighbours only: (labels, count)."""
+    from collections import deque
+
+    labels = np.zeros(mask.shape, np.int32)
+    count = 0
+    for start in zip(*np.nonzero(mask)):
+        if labels[start]:
+            continue
+        count += 1
+        labels[start] = count
+        queue = deque([start])
+        while queue:
+            here = queue.popleft()
+            for step in _FACES[mask.ndim]:
+                there = tuple(a + b for a, b in zip(here, step))
+                if all(0 <= there[d] < mask.shape[d] for d in range(mask.ndim)) and mask[there] and not labels[there]:
+                    labels[there] = count
+                    queue.append(there)
+    return labels, count
+
+
+def enclosed_holes(plane: np.ndarray) -> np.ndarray:
+    """Background pixels of a 2D mask that cannot reach the image border: the mask's holes."""
+    labels, _ = face_components(~plane)
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    return (labels > 0) & ~np.isin(labels, border[border > 0])
+
+
+def voxel_of(volume, ras) -> tuple[int, int, int]:
+    """The (k, j, i) index of the voxel whose centre is nearest a RAS point, through the inverse matrix."""
+    i, j, k = np.rint(np.linalg.solve(volume.ijk_to_ras, np.r_[np.asarray(ras, float), 1.0])[:3]).astype(int)
+    return int(k), int(j), int(i)
+
+
 @pytest.fixture(params=sorted(GEOMETRIES))
 def geometry(request) -> str:
     return request.param

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import slicerio
 
+from conftest import enclosed_holes, face_components, sphere_volume, voxel_of
 from conftest import run_medfm as run
-from conftest import sphere_volume
-from MedFMLib.imaging.geometry import extract_slice, plane_through
+from MedFMLib.imaging.geometry import extract_slice, plane_through, resolve_axis
 from MedFMLib.imaging.io import read_volume, write_volume
+from MedFMLib.imaging.phantoms import Ellipsoid, make_ijk_to_ras, render
 from MedFMLib.imaging.volume import ras_to_lps_matrix
 from MedFMLib.models.catalog import get_model_info
 
@@ -242,12 +243,13 @@ def test_bad_input_gives_one_clear_line(case, sphere_file, tmp_path):
     assert not (tmp_path / "out.seg.nrrd").exists()
 
 
-def test_models_lists_names_and_licences():
-    result = run("models")
+def test_models_lists_names_and_licences(tmp_path):
+    env = {"MEDFM_HOME": str(tmp_path / "home")}  # never the user's own models folder
+    result = run("models", env=env)
     assert result.returncode == 0
     for name in ("classic", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"):
         assert name in result.stdout
-    listed = json.loads(run("models", "--json").stdout)
+    listed = json.loads(run("models", "--json", env=env).stdout)
     assert {m["name"] for m in listed} >= {"classic", "medsam_vit_b"}
     assert all("license" in m and "commercial_use" in m for m in listed)
 
@@ -290,3 +292,87 @@ def test_bench_measures_the_gui_thread_during_a_background_encode():
     assert report["first_click_runs"] == 2 and report["gui_ticks_during_encode"] >= 1
     assert 0 < report["gui_tick_ms_p50_during_encode"] <= report["gui_tick_ms_max_during_encode"]
     assert report["click_on_prefetched_slice_ms"] > 0
+
+
+# ------------------------------------------------------------ each option changes the result as it says
+def phantom_file(folder: Path, shapes: list[Ellipsoid], name: str, dims=(48, 44, 24)):
+    """An axis-aligned 1 mm phantom (R = +I, A = +J, S = +K) saved to a file: (path, volume, true masks)."""
+    volume, masks = render(dims, make_ijk_to_ras(), shapes, name=name)
+    return write_volume(folder / f"{name}.nrrd", volume), volume, masks
+
+
+def test_a_negative_click_removes_what_it_points_at(sphere_file, tmp_path):
+    path, volume, sphere, centre = sphere_file
+    negative = volume.ijk_to_ras_points(volume.ras_to_ijk_points(centre) + np.array([4, 0, 0]))
+    out = tmp_path / "negative.seg.nrrd"
+    result = run("segment", path, "--point", coords(centre), "--negative", coords(negative), "--out", out)
+    assert result.returncode == 0, result.stderr
+    mask = read_mask(out)
+    assert mask[voxel_of(volume, centre)] and not mask[voxel_of(volume, negative)]
+    assert not (mask & ~sphere).any()
+    # The same click without the negative one takes that voxel: the negative point is what removed it.
+    alone = tmp_path / "alone.seg.nrrd"
+    assert run("segment", path, "--point", coords(centre), "--out", alone).returncode == 0
+    assert read_mask(alone)[voxel_of(volume, negative)]
+
+
+def test_keep_connected_drops_the_part_a_negative_click_cut_off(tmp_path):
+    # A bar along R: a negative click in its middle cuts it in two; only the clicked half touches the prompt.
+    bar_centre = np.array([24.0, 22.0, 12.0])
+    path, volume, (bar,) = phantom_file(tmp_path, [Ellipsoid(tuple(bar_centre), (18.0, 3.0, 6.0), 200.0)], "bar")
+    positive, negative = bar_centre - [10.0, 0, 0], bar_centre
+    args = ["segment", path, "--point", coords(positive), "--negative", coords(negative)]
+    assert run(*args, "--out", tmp_path / "both.nrrd").returncode == 0
+    assert run(*args, "--keep-connected", "--out", tmp_path / "kept.nrrd").returncode == 0
+    both, kept = read_volume(tmp_path / "both.nrrd").array > 0, read_volume(tmp_path / "kept.nrrd").array > 0
+    far_side = np.zeros_like(bar)
+    far_side[:, :, int(bar_centre[0]) + 1 :] = True  # R beyond the negative click (R = I here)
+    assert face_components(both)[1] == 2 and (both & far_side).any()  # the far half is there without the option
+    assert kept[voxel_of(volume, positive)] and not (kept & far_side).any()
+    assert np.array_equal(kept, both & ~far_side)
+
+
+def test_fill_holes_fills_what_the_model_left_open(sphere_file, tmp_path, tiny_sam):
+    path, volume, _, centre = sphere_file
+    env = {"MEDFM_CATALOG": os.environ["MEDFM_CATALOG"]}
+    args = ["segment", path, "--model", "sam_tiny", "--checkpoint", tiny_sam, "--device", "cpu",
+            "--view", "sagittal", "--point", coords(centre), "--propagate"]  # fmt: skip
+    assert run(*args, "--out", tmp_path / "open.seg.nrrd", env=env).returncode == 0
+    assert run(*args, "--fill-holes", "--out", tmp_path / "filled.seg.nrrd", env=env).returncode == 0
+    unfilled, filled = read_mask(tmp_path / "open.seg.nrrd"), read_mask(tmp_path / "filled.seg.nrrd")
+    axis = resolve_axis(volume.ijk_to_ras, "sagittal")  # IJK axis; the array is (K, J, I)
+    planes = lambda mask: np.moveaxis(mask, 2 - axis, 0)  # noqa: E731 - slices across the view
+    holes = np.stack([enclosed_holes(plane) for plane in planes(unfilled)])
+    assert holes.sum() > 20, "the tiny random model should leave holes in its masks"
+    assert np.array_equal(planes(filled), planes(unfilled) | holes)
+
+
+def test_min_score_stops_propagation_where_the_model_is_less_sure(sphere_file, tmp_path):
+    path, volume, sphere, centre = sphere_file
+    out = tmp_path / "strict.seg.nrrd"
+    # The classic model scores 1.0 wherever it finds something: asking for more stops every walk at once.
+    result = run("segment", path, "--point", coords(centre), "--propagate", "--min-score", "1.5", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "confidence dropped" in result.stderr
+    plane = plane_through(volume, centre, "axial")
+    expected = np.zeros_like(sphere)
+    expected[plane.array_index()] = extract_slice(sphere, plane)
+    np.testing.assert_array_equal(read_mask(out), expected)
+    lenient = tmp_path / "lenient.seg.nrrd"
+    assert run("segment", path, "--point", coords(centre), "--propagate", "--min-score", "0.5", "--out", lenient)
+    assert dice(read_mask(lenient), sphere) >= 0.9
+
+
+@pytest.mark.parametrize("window", [["--window", "100,50"], ["--preset", "brain"]])
+def test_the_intensity_window_decides_what_the_model_sees(tmp_path, window):
+    # A bright core (200) in a fainter shell (100): the automatic window tells them apart; a window whose top
+    # is at or below 100 (width 100 at level 50; the brain preset, 80 at 40) makes both white, so they merge.
+    centre = (24.0, 22.0, 12.0)
+    shell, core = Ellipsoid(centre, (12.0, 12.0, 8.0), 100.0), Ellipsoid(centre, (5.0, 5.0, 4.0), 200.0)
+    path, volume, (shell_mask, core_mask) = phantom_file(tmp_path, [shell, core], "layers")
+    k = voxel_of(volume, centre)[0]
+    assert run("segment", path, "--point", coords(centre), "--out", tmp_path / "auto.nrrd").returncode == 0
+    assert run("segment", path, "--point", coords(centre), *window, "--out", tmp_path / "w.nrrd").returncode == 0
+    automatic, windowed = read_volume(tmp_path / "auto.nrrd").array > 0, read_volume(tmp_path / "w.nrrd").array > 0
+    np.testing.assert_array_equal(automatic[k], core_mask[k])
+    np.testing.assert_array_equal(windowed[k], shell_mask[k])

@@ -142,3 +142,26 @@ def test_tracking_through_the_servers_gpu_queue_gives_the_same_masks(tiny_sam2):
     assert len(queued_steps) >= results[1].slices_written  # one queued call per tracked slice at least
     assert queue.stats.tasks >= results[1].slices_written
     queue.stop()
+
+
+def test_tracking_in_a_3d_box_fills_each_of_its_slices_and_nothing_outside_it(tiny_sam2):
+    """A box with faces along the grid, given by its eight corners: its slices and footprint worked out by hand."""
+    volume, _, centre = phantom(dims=(40, 36, 16))
+    session = Session(volume, create_engine("sam2_tiny", checkpoint=tiny_sam2, device="cpu"))
+    axis = resolve_axis(volume.ijk_to_ras, "axial")
+    low, high = np.array([12.0, 10.0, 12.0]), np.array([28.0, 26.0, 28.0])
+    low[axis], high[axis] = 3.6, 11.3  # slices 4 (3.6 <= 4 + 0.5) to 11 (11 - 0.5 <= 11.3)
+    corners = np.array([[(low, high)[a][0], (low, high)[b][1], (low, high)[c][2]]
+                        for a in (0, 1) for b in (0, 1) for c in (0, 1)])  # fmt: skip
+    obj = session.add_object()
+    session.set_roi(obj, volume.ijk_to_ras_points(corners), options=NEVER_STOP)
+    mask = session.mask(obj)
+    kji = np.argwhere(mask)[:, ::-1]  # (i, j, k) of every voxel
+    assert sorted(set(kji[:, axis])) == list(range(4, 12))  # every slice of the box, and no other
+    in_plane = [a for a in range(3) if a != axis]
+    for a in in_plane:  # within the footprint, to half a voxel; the model's masks reach past it otherwise
+        assert kji[:, a].min() >= low[a] - 0.5 and kji[:, a].max() <= high[a] + 0.5, a
+    touching = [k for k in range(4, 12) if any(
+        np.isin(kji[kji[:, axis] == k][:, a], [int(np.ceil(low[a] - 0.5)), int(np.floor(high[a] + 0.5))]).any()
+        for a in in_plane)]  # fmt: skip
+    assert len(touching) >= 4  # the footprint is what bounds them

@@ -162,3 +162,32 @@ def test_a_rotated_3d_box_footprint_matches_sampled_points(geometry):
         assert roi_footprint(volume, corners, SlicePlane(axis, first)) is not None
         assert roi_footprint(volume, corners, SlicePlane(axis, last)) is not None
     assert roi_footprint(volume, corners, SlicePlane(2, last + 5)) is None
+
+
+@pytest.mark.parametrize(
+    ("span_mm", "expected"),
+    [
+        ((5.2, 11.6), (5, 12)),  # a slice counts when its centre is within half a voxel of the box
+        ((5.6, 11.4), (6, 11)),
+        ((-3.0, 2.2), (0, 2)),  # cut at the volume's first slice
+        ((20.7, 40.0), (21, 23)),  # and at its last (24 slices)
+        ((7.0, 7.0), (7, 7)),  # a flat box on one slice
+    ],
+)
+def test_a_3d_box_reaches_the_slices_worked_out_by_hand(span_mm, expected):
+    """RAS-aligned 1 mm voxels from the origin: slice k is centred at S = k mm (worked out by hand, not computed)."""
+    from MedFMLib.imaging.geometry import box_corners, roi_slice_range
+
+    volume, _, _ = sphere_volume("ras_aligned")  # 48 x 44 x 24 voxels
+    corners = box_corners((10.0, 10.0, span_mm[0]), (20.0, 20.0, span_mm[1]))
+    assert roi_slice_range(volume, corners, 2) == expected
+    assert roi_slice_range(volume, corners, 0) == (10, 20)  # along R: columns 10 to 20
+
+
+def test_a_3d_box_range_on_an_lps_anisotropic_grid():
+    """3 mm slices, origin S = -60 mm, K along +S: slice k is centred at S = -60 + 3k (by hand)."""
+    from MedFMLib.imaging.geometry import box_corners, roi_slice_range
+
+    volume, _, _ = sphere_volume("lps_anisotropic")
+    # S from -50 to -41: slice 3 is centred at -51 (-51 + 1.5 >= -50, so it counts), slice 6 at -42, slice 7 at -39.
+    assert roi_slice_range(volume, box_corners((100.0, 70.0, -50.0), (110.0, 80.0, -41.0)), 2) == (3, 6)

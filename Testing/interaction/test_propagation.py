@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import sphere_volume
 from MedFMLib.engines import create_engine
 from MedFMLib.engines.classic import ClassicEngine
 from MedFMLib.errors import PromptError
-from MedFMLib.imaging.geometry import SlicePlane, box_corners, extract_slice, plane_through, resolve_axis
+from MedFMLib.imaging.geometry import SlicePlane, extract_slice, plane_through, resolve_axis
 from MedFMLib.imaging.phantoms import Ellipsoid, make_ijk_to_ras, render, rotation_matrix
 from MedFMLib.imaging.postprocess import fill_holes, keep_touching_components
 from MedFMLib.interaction.propagation import PropagationOptions, Propagator, StopCriteria, dice, stop_reason
@@ -31,6 +32,15 @@ def tapering_phantom(name: str = "oblique", dims=(80, 72, 36), radii=(18.0, 13.0
     centre = matrix[:3, :3] @ (np.array(dims) / 2.0 + 0.3) + matrix[:3, 3]
     volume, masks = render(dims, matrix, [Ellipsoid(tuple(centre), radii, 200.0)], noise_sd=4.0, name=name)
     return volume, masks[0], centre
+
+
+def slices_between(volume, axis: int, first: int, last: int) -> np.ndarray:
+    """True on slices first..last along an IJK axis (the array is (K, J, I))."""
+    keep = np.zeros(volume.array.shape, bool)
+    index = [slice(None)] * 3
+    index[2 - axis] = slice(first, last + 1)
+    keep[tuple(index)] = True
+    return keep
 
 
 def last_written(result, direction):
@@ -130,21 +140,39 @@ def test_a_3d_box_segments_every_slice_it_spans_and_no_other():
     full = session.add_object()
     session.set_roi(full, [centre - [24, 19, 30], centre + [24, 19, 30]])
     assert dice(session.mask(full), truth) >= 0.9
-    # A box over the upper half of the object: only the slices it reaches, the middle one first.
-    half = session.add_object()
-    corner_a, corner_b = centre - [24, 19, 0], centre + [24, 19, 30]
-    session.set_roi(half, [corner_a, corner_b])
+    # A box over the middle of the object, which goes on beyond it both ways, with faces along the slices:
+    # exactly the slices it reaches (those whose centre lies within half a voxel of it), the middle one first.
     axis = resolve_axis(volume.ijk_to_ras, "axial")
-    ijk = volume.ras_to_ijk_points(box_corners(corner_a, corner_b))[:, axis]
-    first, last = int(np.ceil(ijk.min() - 0.5)), int(np.floor(ijk.max() + 0.5))
+    low, high = volume.ras_to_ijk_points(centre) - 30.0, volume.ras_to_ijk_points(centre) + 30.0
+    low[axis], high[axis] = 11.7, 24.4  # by hand: slices 12 (11.7 <= 12 + 0.5) to 24 (24 - 0.5 <= 24.4)
+    corners_ijk = np.array([[(low, high)[c][0], (low, high)[r][1], (low, high)[s][2]]
+                            for c in (0, 1) for r in (0, 1) for s in (0, 1)])  # fmt: skip
+    half = session.add_object()
+    session.set_roi(half, volume.ijk_to_ras_points(corners_ijk))
+    first, last = 12, 24
     filled = {i for i in range(volume.dimensions[axis]) if extract_slice(session.mask(half), SlicePlane(axis, i)).any()}
-    assert filled and min(filled) >= first and max(filled) <= last
+    assert sorted(filled) == list(range(first, last + 1))
+    assert dice(session.mask(half), truth & (slices_between(volume, axis, first, last))) >= 0.9
     assert session.roi(half) is not None
     seed = [s for s in session.objects[half].slices.values() if s.origin == "roi"]
     assert len(seed) == 1 and seed[0].plane.index == (first + last) // 2
     # Undo removes the whole 3D box in one step.
     session.undo()
     assert not session.mask(half).any() and session.roi(half) is None
+
+
+def test_a_3d_box_narrower_than_the_object_bounds_every_slice_of_it():
+    """The object is wider than the box: each carried box stays inside the 3D box, on every slice it spans."""
+    volume, sphere, centre = sphere_volume("ras_aligned", radius_mm=9.0)  # voxel (k, j, i) at (i, j, k) mm
+    session = Session(volume, ClassicEngine())
+    obj = session.add_object()
+    session.set_roi(obj, [centre - [4, 12, 6], centre + [4, 12, 6]])
+    k, j, i = np.nonzero(session.mask(obj))
+    assert sorted(set(k)) == list(range(6, 19))  # S from 6.1 to 18.1 mm: slices 6 to 18, by hand
+    assert np.abs(i - centre[0]).max() <= 4.5  # within the box (to half a voxel) on every slice
+    for slice_index in range(7, 18):  # and it fills the box's width wherever the sphere is wider than the box
+        assert np.abs(i[k == slice_index] - centre[0]).max() >= 3.5, slice_index
+    assert not (session.mask(obj) & ~sphere).any()
 
 
 def test_a_rotated_roi_given_by_eight_corners():
@@ -317,6 +345,26 @@ def test_prompt_seeds_keep_the_prompted_object():
     polluted = session.mask(obj) | masks[1]
     cleaned = keep_touching_components(polluted, session.prompt_seeds(obj))
     assert dice(cleaned, masks[0]) >= 0.9 and not (cleaned & masks[1]).any()
+
+
+def test_prompt_seeds_are_the_slices_a_box_or_a_3d_box_vouches_for():
+    """Without positive points, a box's slice and a 3D box's seed slice are what the user vouched for."""
+    volume, sphere, centre = sphere_volume("ras_aligned")  # 1 mm voxels from the origin; S = k mm
+    session = Session(volume, ClassicEngine())
+    k = int(round(centre[2]))
+    boxed = session.add_object()
+    session.set_box(boxed, centre - [12, 12, 0], centre + [12, 12, 0])
+    session.propagate(boxed)
+    expected = np.zeros_like(sphere)
+    expected[k] = sphere[k]  # the box's slice: the sphere's section there (the classic model is exact)
+    np.testing.assert_array_equal(session.prompt_seeds(boxed), expected)
+    assert session.mask(boxed).sum() > 3 * expected.sum()  # the propagated slices are not seeds
+    roi = session.add_object()
+    session.set_roi(roi, [centre - [12, 12, 5], centre + [12, 12, 5]])
+    # S from 7.1 to 17.1 mm: slices 7 to 17 by hand, so the seed is the middle slice, 12.
+    expected = np.zeros_like(sphere)
+    expected[12] = sphere[12]
+    np.testing.assert_array_equal(session.prompt_seeds(roi), expected)
 
 
 def test_the_plane_of_a_click_is_the_start_of_its_walks():

@@ -250,3 +250,37 @@ def test_a_model_not_yet_downloaded_is_named(mrml_scene, logic):
         logic.segment(volume_node, segmentation, "s", positivePointsNode=add_fiducials(mrml_scene, "a", centre),
                       modelName="sam_vit_b")  # fmt: skip
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_roi_corners_are_the_rois_own_corners_even_under_a_rotating_transform(mrml_scene):
+    from MedFMLib.mrml.bridge import roi_corners
+
+    roi = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    roi.SetXYZ(10.0, -20.0, 5.0)
+    roi.SetRadiusXYZ(3.0, 4.0, 5.0)
+    # Worked out by hand: the centre plus or minus each radius.
+    expected = {(x, y, z) for x in (7.0, 13.0) for y in (-24.0, -16.0) for z in (0.0, 10.0)}
+    assert {tuple(np.round(c, 6)) for c in roi_corners(roi)} == expected
+    # Under a transform that turns 90 degrees about S and moves 100 mm along R: (x, y, z) -> (100 - y, x, z).
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(_matrix([[0, -1, 0, 100], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
+    roi.SetAndObserveTransformNodeID(transform.GetID())
+    turned = {(100.0 - y, x, z) for x, y, z in expected}
+    assert {tuple(np.round(c, 6)) for c in roi_corners(roi)} == turned
+
+
+def test_a_tight_roi_bounds_the_mask(mrml_scene, logic):
+    """An ROI smaller than the sphere's section: nothing outside it is segmented (the sphere is larger)."""
+    volume, truth, centre = sphere_volume("ras_aligned", radius_mm=9.0)
+    volume_node = add_volume_node(mrml_scene, volume)
+    segmentation = add_segmentation_node(mrml_scene, volume_node)
+    roi = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    roi.SetXYZ(*centre)
+    roi.SetRadiusXYZ(4.0, 3.0, 0.4)
+    segment_id = logic.segment(volume_node, segmentation, "tight", roiNode=roi, view="axial")
+    mask = segment_array(segmentation, segment_id, volume)
+    # RAS-aligned 1 mm voxels from the origin: voxel (k, j, i) is centred at (i, j, k) mm.
+    k, j, i = np.nonzero(mask)
+    assert len(i) > 0 and np.all(mask <= truth)
+    assert np.abs(i - centre[0]).max() <= 4.5 and np.abs(j - centre[1]).max() <= 3.5  # the ROI, to half a voxel
+    assert np.abs(i - centre[0]).max() >= 3.5 and np.abs(j - centre[1]).max() >= 2.5  # and it fills it

@@ -74,23 +74,53 @@ def test_the_server_describes_itself_with_its_models_and_version(server):
     assert info["limits"]["max_upload_mb"] == 2 and info["codecs"] == ["zstd", "zlib"]
 
 
+def route_table() -> list[tuple[str, str]]:
+    """Every (method, path) the server's app answers, read from the app itself, so a new route is covered too."""
+    from MedFMLib.remote.server.app import ServerConfig, create_app
+
+    app = create_app(ServerConfig(token="t" * 32))
+    app.state.queue.stop()
+    routes = [(m, route.path) for route in app.routes for m in sorted(route.methods or ()) if m != "HEAD"]
+    assert len(routes) >= 9  # /v1, sessions (create, close), call, encode, jobs (start, state, cancel), the schema
+    return routes
+
+
 @pytest.mark.parametrize(
     ("token", "message"),
     [(None, "needs a token"), ("wrong-token-0123456789", "Wrong token"), ("", "needs a token")],
 )
 def test_a_missing_or_wrong_token_is_refused_on_every_route(server, token, message):
     session_id = new_session(server)
-    routes = [
-        ("GET", "/v1", None),
-        ("POST", "/v1/sessions", upload_frame(np.zeros((2, 2, 2), np.int16))),
-        ("POST", f"/v1/sessions/{session_id}/call", b'{"method": "undo", "args": {}}'),
-        ("DELETE", f"/v1/sessions/{session_id}", None),
-    ]
-    for method, path, body in routes:
-        status, reply = raw(server, method, path, body, token=token)
-        assert status == 401, (method, path)
+    values = {"session_id": session_id, "job_id": "0"}
+    for method, path in route_table():
+        url = path.format(**values)
+        body = b'{"method": "undo", "args": {}}' if method == "POST" else None
+        status, reply = raw(server, method, url, body, token=token)
+        assert status == 401, (method, path, status)
         assert message in reply["message"]
-    assert raw(server, "POST", f"/v1/sessions/{session_id}/call", b'{"method": "undo", "args": {}}')[0] == 200
+        # With the token the same request gets past the guard: the route is real and its path was filled in.
+        assert raw(server, method, url, body)[0] != 401, (method, path)
+        if method == "DELETE" and "jobs" not in path:
+            session_id = new_session(server)
+            values["session_id"] = session_id
+
+
+def test_a_repeated_seq_gets_the_stored_reply_and_does_not_run_twice(server):
+    """A client retrying after a lost reply sends the same seq: the action must not run again."""
+    from MedFMLib.remote.protocol import unpack_frame
+
+    session_id = new_session(server)
+    path = f"/v1/sessions/{session_id}/call"
+
+    def add(name: str, seq: int) -> tuple[int, bytes]:
+        return raw(server, "POST", path, json.dumps({"seq": seq, "method": "add_object", "args": {"name": name}}))
+
+    first, retried = add("first", 41), add("first", 41)
+    assert first[0] == retried[0] == 200 and first[1] == retried[1]  # byte for byte the stored reply
+    status, reply = add("second", 42)
+    assert status == 200
+    header, _ = unpack_frame(reply)
+    assert [name for _, name, _ in header["objects"]] == ["first", "second"]  # "first" was made once
 
 
 def test_the_client_reports_a_wrong_token_in_one_line(server):

@@ -220,3 +220,13 @@ def roi_footprint(volume: Volume, corners_ras: np.ndarray, plane: SlicePlane) ->
     if np.any(xy.max(axis=0) < 0) or np.any(xy.min(axis=0) > [cols - 1, rows - 1]):
         return None
     return np.concatenate([low, high]).astype(np.float32)
+
+
+def box_mask(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
+    """The pixels a 2D box (x0, y0, x1, y1) covers: those whose centre lies within half a pixel of it."""
+    rows, cols = shape
+    keep = np.zeros(shape, dtype=bool)
+    x0, y0 = int(np.floor(box[0] + 0.5)), int(np.floor(box[1] + 0.5))
+    x1, y1 = int(np.ceil(box[2] - 0.5)), int(np.ceil(box[3] - 0.5))
+    keep[max(0, y0) : min(rows, y1 + 1), max(0, x0) : min(cols, x1 + 1)] = True
+    return keep

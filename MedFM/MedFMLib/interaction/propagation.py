@@ -21,14 +21,14 @@ result is applied afterwards, as one undoable step, by ``Session.apply_propagati
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
 
 from ..engines.base import Prompts2D
 from ..errors import PromptError
-from ..imaging.geometry import SlicePlane, roi_footprint, roi_slice_range
+from ..imaging.geometry import SlicePlane, box_mask, roi_footprint, roi_slice_range
 from ..imaging.volume import Volume
 from .objects import PROPAGATED, SliceState
 
@@ -185,6 +185,13 @@ def carried_prompts(
     if (options.use_point and "point" in prompt_types) or box is None:
         points = np.array([deepest_point(previous_mask)], np.float32)
     return Prompts2D(points, np.ones(len(points), np.int32), box)
+
+
+def within_box(state: SliceState, box: np.ndarray | None) -> SliceState:
+    """A state whose mask is cut to a 3D box's footprint: a box prompt guides a model but does not bound it."""
+    if box is None or state.mask is None:
+        return state
+    return replace(state, mask=state.mask & box_mask(state.mask.shape, box))
 
 
 class SliceModel(Protocol):
@@ -350,14 +357,15 @@ class Propagator:
         prompt_types = self.model.engine.prompt_types
         for index in range(walk.start + walk.step, walk.limit + walk.step, walk.step):
             plane = SlicePlane(self.axis, index)
-            prompts = carried_prompts(previous.mask, self.options, prompt_types, self._footprint(plane))
+            footprint = self._footprint(plane)
+            prompts = carried_prompts(previous.mask, self.options, prompt_types, footprint)
             state = SliceState(
                 plane,
                 carried=prompts,
                 carried_logits=previous.logits if self.options.use_mask else None,
                 origin=PROPAGATED,
             )
-            state = self.model.predict(state)
+            state = within_box(self.model.predict(state), footprint)
             yield plane, state
             previous = state
 
@@ -373,7 +381,7 @@ class Propagator:
             mask = model.to_slice_grid(plane, prediction.mask)
             footprint = self._footprint(plane)
             if footprint is not None:
-                mask = mask & _box_mask(mask.shape, footprint)
+                mask = mask & box_mask(mask.shape, footprint)
             # The mask's own box and centre ride along, so that a correction click there refines this result.
             carried = (
                 carried_prompts(mask, self.options, model.engine.prompt_types, footprint) if mask.any() else None
@@ -390,11 +398,3 @@ class Propagator:
                 ),
             )
 
-
-def _box_mask(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
-    rows, cols = shape
-    keep = np.zeros(shape, dtype=bool)
-    x0, y0 = int(np.floor(box[0] + 0.5)), int(np.floor(box[1] + 0.5))
-    x1, y1 = int(np.ceil(box[2] - 0.5)), int(np.ceil(box[3] - 0.5))
-    keep[max(0, y0) : min(rows, y1 + 1), max(0, x0) : min(cols, x1 + 1)] = True
-    return keep

@@ -48,7 +48,7 @@ from .objects import (
     SliceUpdate,
     as_ras,
 )
-from .propagation import BOTH, PropagationOptions, PropagationResult, Propagator
+from .propagation import BOTH, PropagationOptions, PropagationResult, Propagator, within_box
 
 # Resample a slice to square pixels only when the aspect ratio is off by more
 # than this: below it the interpolation blur costs more than the distortion.
@@ -272,7 +272,7 @@ class Session(SessionObjects):
                                                      and not old_state.has_prompts):  # fmt: skip
                 result.states[old_plane], result.basis[old_plane] = None, old_state
         seed = SliceState(plane, carried=Prompts2D(box=footprint), origin=ROI, roi_corners=corners)
-        result.states[plane], result.basis[plane] = self.predict(seed), obj.slices.get(plane)
+        result.states[plane], result.basis[plane] = within_box(self.predict(seed), footprint), obj.slices.get(plane)
         if propagate:
             walks = Propagator(self, obj.slices, object_id, axis, options, overlay=dict(result.states))
             walked = walks.run(BOTH, progress=progress, cancel=cancel)

@@ -1,0 +1,117 @@
+"""Deliberate bugs that the suite must catch: apply each, run the tests that guard it, expect a failure.
+
+Not part of `make test` (it runs the guarding tests once per bug): `make mutants`, or
+`python Testing/mutation_check.py [NAME ...]`. Each bug is a one-line edit of the library;
+the file is restored afterwards whatever happens. A bug that no test catches is a hole in
+the suite: write a test that asserts the behaviour against an answer the code did not compute.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LIB = "MedFM/MedFMLib/"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    Mutant("cli-negative-as-positive", LIB + "cli.py",
+           "session.add_point(object_id, point, positive=False, view=args.view)",
+           "session.add_point(object_id, point, positive=True, view=args.view)", ("Testing/test_cli.py",)),
+    Mutant("cli-keep-connected-ignored", LIB + "cli.py", "    if args.keep_connected:", "    if False:",
+           ("Testing/test_cli.py",)),
+    Mutant("cli-fill-holes-ignored", LIB + "cli.py", "    if args.fill_holes:", "    if False:",
+           ("Testing/test_cli.py",)),
+    Mutant("cli-min-score-ignored", LIB + "cli.py", "    if args.min_score is not None:", "    if False:",
+           ("Testing/test_cli.py",)),
+    Mutant("cli-window-ignored", LIB + "cli.py", "        window = parse_window(args.window)",
+           "        window = (parse_window(args.window), None)[1]", ("Testing/test_cli.py",)),
+    Mutant("cli-preset-ignored", LIB + "cli.py", "        window = preset_window(args.preset)",
+           "        window = (preset_window(args.preset), None)[1]", ("Testing/test_cli.py",)),
+    Mutant("cli-verify-exits-0", LIB + "cli.py", "        if failed:\n", "        if False:\n",
+           ("Testing/models/test_store.py", "Testing/test_cli.py")),
+    Mutant("roi-slice-range-one-short", LIB + "imaging/geometry.py",
+           "    first, last = max(first, 0), min(last, count - 1)\n",
+           "    first, last = max(first, 0), min(last, count - 1) - 1\n", ("Testing/imaging", "Testing/interaction")),
+    Mutant("roi-corners-twice-the-size", LIB + "mrml/bridge.py",
+           "corners = np.c_[signs * size / 2.0, np.ones(8)]", "corners = np.c_[signs * size, np.ones(8)]",
+           ("Testing/mrml",)),
+    Mutant("prompt-seeds-ignore-box-and-roi", LIB + "interaction/session.py",
+           "if state.is_anchor and not positives and state.mask is not None:",
+           "if False and state.is_anchor and not positives and state.mask is not None:",
+           ("Testing/interaction", "Testing/test_cli.py")),
+    Mutant("carried-box-not-clamped-to-roi", LIB + "interaction/propagation.py",
+           "        if bound is not None:  # a 3D box is a hard limit", "        if False:",
+           ("Testing/interaction",)),
+    Mutant("sam2-tracking-ignores-roi-footprint", LIB + "interaction/propagation.py",
+           "                mask = mask & box_mask(mask.shape, footprint)", "                pass",
+           ("Testing/engines/test_sam2.py",)),
+    Mutant("download-size-check-dropped", LIB + "models/download.py",
+           "if expected_size is not None and partial.stat().st_size != expected_size:",
+           "if False and expected_size is not None:", ("Testing/models",)),
+    Mutant("server-jobs-and-encode-without-token", LIB + "remote/server/app.py",
+           '        supplied = request.headers.get("authorization", "")\n',
+           '        supplied = request.headers.get("authorization", "")\n'
+           '        if request.url.path.endswith(("/encode", "/jobs")) or "/jobs/" in request.url.path:\n'
+           '            return await call_next(request)\n', ("Testing/remote/test_server.py",)),
+    Mutant("server-retry-by-seq-removed", LIB + "remote/server/app.py",
+           "if sequence is not None and sequence == served.last_sequence and served.last_reply is not None:",
+           "if False:", ("Testing/remote/test_server.py",)),
+    Mutant("client-replay-skips-propagations", LIB + "remote/client.py",
+           '            if method == "apply_plan":\n                planned',
+           '            if method == "apply_plan":\n                continue\n                planned',
+           ("Testing/remote/test_remote.py",)),
+]
+
+
+def run(mutant: Mutant) -> tuple[bool, float, str]:
+    """Apply the bug, run its tests; (caught, seconds, last line of pytest's output)."""
+    path = ROOT / mutant.path
+    original = path.read_text(encoding="utf-8")
+    if original.count(mutant.old) != 1:
+        raise SystemExit(f"{mutant.name}: the code to mutate is not found exactly once in {mutant.path}")
+    started = time.monotonic()
+    try:
+        path.write_text(original.replace(mutant.old, mutant.new), encoding="utf-8")
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests],
+            cwd=ROOT, capture_output=True, text=True, encoding="utf-8",
+        )  # fmt: skip
+    finally:
+        path.write_text(original, encoding="utf-8")
+    lines = result.stdout.strip().splitlines()
+    return result.returncode != 0, time.monotonic() - started, lines[-1] if lines else result.stderr[-200:]
+
+
+def main(names: list[str]) -> int:
+    # A SIGTERM must unwind through run()'s finally, or the library would keep the bug.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    chosen = [m for m in MUTANTS if not names or m.name in names]
+    survived = []
+    for index, mutant in enumerate(chosen, 1):
+        caught, seconds, summary = run(mutant)
+        verdict = "caught  " if caught else "SURVIVED"
+        print(f"[{index}/{len(chosen)}] {verdict} {mutant.name} ({seconds:.0f} s): {summary}", flush=True)
+        if not caught:
+            survived.append(mutant.name)
+    print(f"{len(chosen) - len(survived)} of {len(chosen)} deliberate bugs caught" +
+          (f"; survived: {', '.join(survived)}" if survived else ""))  # fmt: skip
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

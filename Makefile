@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench bench-sam bench-server clean
+.PHONY: demo test lint mutants bench bench-sam bench-server clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: $(VENV)/.full
 
 test: lint
 	$(PY) -m pytest -q
+
+# Deliberate bugs that the suite must catch, one at a time (Testing/mutation_check.py); about 15 minutes.
+mutants: $(VENV)/.full
+	$(PY) Testing/mutation_check.py
 
 bench: $(VENV)/.full
 	$(VENV)/bin/medfm bench --model classic

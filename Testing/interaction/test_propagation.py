@@ -173,6 +173,12 @@ def test_a_3d_box_narrower_than_the_object_bounds_every_slice_of_it():
     for slice_index in range(7, 18):  # and it fills the box's width wherever the sphere is wider than the box
         assert np.abs(i[k == slice_index] - centre[0]).max() >= 3.5, slice_index
     assert not (session.mask(obj) & ~sphere).any()
+    # What the model is shown stays inside the box too: each slice's carried box (x = R mm, y = A mm here).
+    carried = [s.carried.box for s in session.objects[obj].slices.values() if s.origin == "propagated"]
+    assert len(carried) == 12
+    for x0, y0, x1, y1 in carried:
+        assert centre[0] - 4 - 1e-4 <= x0 <= x1 <= centre[0] + 4 + 1e-4
+        assert centre[1] - 12 - 1e-4 <= y0 <= y1 <= centre[1] + 12 + 1e-4
 
 
 def test_a_rotated_roi_given_by_eight_corners():

@@ -205,7 +205,9 @@ class ServerProcess:
 
         command = [sys.executable, "-m", "MedFMLib.cli", "serve", "--port", str(self.port), *self.args]
         if self.token is not None:
-            command += ["--token", self.token]
+            token_file = self.home / f"token-{self.port}"
+            token_file.write_text(self.token, encoding="utf-8")
+            command += ["--token-file", str(token_file)]
         env = {**os.environ, "MEDFM_HOME": str(self.home), **self.env}
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)

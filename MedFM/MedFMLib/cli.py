@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run a MedFM server for Slicer and the CLI (needs medfm[server])")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--token", help="clients' token (default: $MEDFM_TOKEN, else one made at first start and saved)")
+    serve.add_argument("--token-file", help="a file holding the clients' token (default: $MEDFM_TOKEN, else one "
+                       "made at first start and saved)")  # fmt: skip
+    serve.add_argument("--token", help="the token itself: other users see it in `ps`; prefer --token-file")
     serve.add_argument("--tls-cert", help="TLS certificate (PEM); with --tls-key the server speaks HTTPS")
     serve.add_argument("--tls-key", help="TLS private key (PEM)")
     serve.add_argument("--models", help="comma-separated models to offer (default: classic and every downloaded one)")
@@ -123,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-mb", type=int, default=1024, help="embedding cache of each session (default 1024)")
     serve.add_argument("--max-upload-mb", type=int, default=1024, help="largest compressed upload (default 1024)")
     serve.add_argument("--max-batch", type=int, default=4, help="encodes batched together on the GPU (default 4)")
+    serve.add_argument("--max-objects", type=int, default=64, help="objects per session (default 64)")
+    serve.add_argument("--max-prompts", type=int, default=2000, help="points and boxes per session (default 2000)")
+    serve.add_argument("--max-undo", type=int, default=50, help="undo steps kept per session (default 50)")
+    serve.add_argument("--max-jobs", type=int, default=2, help="propagations running at once, in all (default 2)")
 
     demo = commands.add_parser("demo", help="segment a generated sample volume and write the result")
     demo.add_argument("--out-dir", default="demo_output", help="folder for the sample and the result")
@@ -427,7 +433,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .remote.server import check_token, load_or_create_token, serve
     from .remote.server.app import ServerConfig
 
-    token = args.token or os.environ.get("MEDFM_TOKEN")
+    if args.token:
+        print("medfm serve: warning: --token shows the token to every user of this computer (`ps`); "
+              "use --token-file or $MEDFM_TOKEN.", file=sys.stderr)  # fmt: skip
+    token = args.token or read_token_file(args.token_file) or os.environ.get("MEDFM_TOKEN")
     if token:
         token = check_token(token)
     else:
@@ -446,8 +455,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not (1 <= args.port <= 65535):
         raise MedFMError(f"--port {args.port} is not a port number (1 to 65535).")
     limits = (args.session_ttl, args.max_session_mb, args.max_total_mb, args.cache_mb, args.max_upload_mb)
-    if min(limits) <= 0 or args.max_batch < 1:
-        raise MedFMError("--session-ttl, the memory limits, --max-upload-mb and --max-batch must be positive.")
+    counts = (args.max_batch, args.max_objects, args.max_prompts, args.max_jobs)
+    if min(limits) <= 0 or min(counts) < 1 or args.max_undo < 0:
+        raise MedFMError("--session-ttl, the memory limits, --max-upload-mb and the --max-* counts must be positive.")
     if not args.cache_mb < args.max_session_mb <= args.max_total_mb:
         raise MedFMError("Give --cache-mb < --max-session-mb <= --max-total-mb: each session's cache counts in both.")
     config = ServerConfig(
@@ -461,9 +471,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cache_mb=args.cache_mb,
         max_upload_mb=args.max_upload_mb,
         max_batch=args.max_batch,
+        max_objects=args.max_objects,
+        max_prompts=args.max_prompts,
+        max_undo=args.max_undo,
+        max_jobs=args.max_jobs,
     )
     serve(config, host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key)
     return 0
+
+
+def read_token_file(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise MedFMError(f"Cannot read the token file {path}: {exc.strerror}.") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

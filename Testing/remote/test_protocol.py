@@ -12,6 +12,7 @@ from MedFMLib.remote.protocol import (
     available_codecs,
     changed_region,
     decode_array,
+    decompress,
     encode_array,
     grow_extent,
     pack_frame,
@@ -25,7 +26,7 @@ def test_arrays_round_trip_exactly(codec, dtype):
     rng = np.random.default_rng(3)
     array = (rng.normal(size=(5, 7, 9)) * 1000).astype(dtype) if dtype != "bool" else rng.random((5, 7, 9)) > 0.5
     meta, blob = encode_array(array, codec)
-    back = decode_array(meta, blob)
+    back = decode_array(meta, blob, max_bytes=array.nbytes)
     assert back.dtype == array.dtype and back.shape == array.shape
     assert np.array_equal(back, array)
     if dtype == "bool":
@@ -41,25 +42,47 @@ def test_a_payload_that_expands_beyond_its_declared_size_is_refused(codec):
     meta, blob = encode_array(np.zeros((64, 64, 64), np.uint8), codec)
     small = dict(meta, shape=[1, 64, 64], size=64 * 64)  # claims 4 KiB, holds 256 KiB
     with pytest.raises(ProtocolError, match="more than the 4096 bytes declared"):
-        decode_array(small, blob)
+        decode_array(small, blob, max_bytes=1 << 20)
 
 
 def test_corrupt_truncated_and_mismatched_arrays_give_one_line():
     meta, blob = encode_array(np.arange(1000, dtype=np.int16).reshape(10, 10, 10), "zlib")
+    limit = 1 << 20
     with pytest.raises(ProtocolError, match="corrupt"):
-        decode_array(meta, b"not zlib at all")
+        decode_array(meta, b"not zlib at all", limit)
     with pytest.raises(ProtocolError, match="less than"):
-        decode_array(meta, zlib.compress(b"\0" * 10))
+        decode_array(meta, zlib.compress(b"\0" * 10), limit)
     with pytest.raises(ProtocolError, match="should hold 2000 bytes"):
-        decode_array(dict(meta, size=10), blob)
+        decode_array(dict(meta, size=10), blob, limit)
     with pytest.raises(ProtocolError, match="not accepted"):
-        decode_array(dict(meta, dtype="object"), blob)
-    with pytest.raises(ProtocolError, match="non-negative integers"):
-        decode_array(dict(meta, shape=[10, -10, 10]), blob)
+        decode_array(dict(meta, dtype="object"), blob, limit)
+    for shape in ([10, -10, 10], [10, 0, 10], [10, True, 10], "10x10", [2.0, 5, 10]):
+        with pytest.raises(ProtocolError, match="list of at most 8 positive integers"):
+            decode_array(dict(meta, shape=shape), blob, limit)
     with pytest.raises(ProtocolError, match="larger than"):
         decode_array(meta, blob, max_bytes=100)
     with pytest.raises(ProtocolError, match="cannot be sent"):
         encode_array(np.array(["a"], dtype=object), "zlib")
+
+
+@pytest.mark.parametrize("codec", ["zstd", "zlib"])
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [
+        ([2, 2**63 - 1, 1], "uint8"),
+        ([65535, 42009217, 6700417], "uint8"),
+        ([2**62, 2, 2], "float64"),
+        ([2**40], "bool"),
+    ],
+)
+def test_shapes_that_wrap_around_in_int64_are_refused_before_decompressing(codec, shape, dtype):
+    """In int64 these products wrap to -2, -1 or 0, which once meant "no limit" to the decompressor."""
+    meta, blob = encode_array(np.zeros((4, 1024, 1024), np.uint8), codec)  # 4 MiB of zeros in a few KiB
+    wrapped = int(np.prod(np.array(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    with pytest.raises(ProtocolError, match="larger than the 1.0 MiB allowed"):
+        decode_array(dict(meta, shape=shape, dtype=dtype, size=wrapped), blob, max_bytes=1 << 20)
+    with pytest.raises(ProtocolError, match="positive size"):
+        decompress(blob, codec, wrapped if wrapped <= 0 else -1)
 
 
 def test_frames_round_trip_and_malformed_frames_are_refused():

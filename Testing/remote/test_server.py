@@ -152,7 +152,11 @@ def test_oversized_requests_are_refused_before_they_are_read(server):
 
 def test_a_chunked_upload_without_a_length_is_limited_too(server):
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    chunks = (b"\0" * 65536 for _ in range(64))  # 4 MiB, above the 2 MiB limit
+    # A frame whose header declares 4 MiB of voxels, above the 2 MiB limit, then the voxels, chunked.
+    meta = {"dtype": "uint8", "shape": [4, 1024, 1024], "codec": "zlib", "size": 4 * 2**20}
+    spec = json.dumps({"model": "classic", "ijk_to_ras": np.eye(4).tolist(), "array": meta, "parts": [4 * 2**20]})
+    frame_start = b"MFM1" + len(spec).to_bytes(4, "big") + spec.encode()
+    chunks = iter([frame_start] + [b"\0" * 65536] * 64)
     connection.request(
         "POST", "/v1/sessions", body=chunks, encode_chunked=True,
         headers={"Authorization": f"Bearer {SERVER_TOKEN}", "Transfer-Encoding": "chunked"},
@@ -258,10 +262,14 @@ def test_the_log_holds_no_image_data_prompts_or_names(server):
 
 
 def test_the_total_memory_limit_refuses_new_sessions_while_full(start_server):
-    server = start_server(["--max-total-mb", "50", "--max-session-mb", "30", "--cache-mb", "16"])
-    frame = upload_frame(np.zeros((40, 256, 256), np.int16))  # needs 5 MiB + a 2.5 MiB mask + a 16 MiB cache
+    server = start_server(["--max-total-mb", "40", "--max-session-mb", "30", "--cache-mb", "16"])
+    # Admission needs the volume (5 MiB), a first mask (2.5 MiB) and room for the cache (16 MiB): 23.5 MiB.
+    # A session then holds only what it uses, 5 MiB so far: 4 fit (15 + 23.5 <= 40), the 5th does not.
+    frame = upload_frame(np.zeros((40, 256, 256), np.int16))
     first = raw(server, "POST", "/v1/sessions", frame)[1]["session"]
-    assert raw(server, "POST", "/v1/sessions", frame)[0] == 200
+    for _ in range(3):
+        assert raw(server, "POST", "/v1/sessions", frame)[0] == 200
+    assert raw(server, "GET", "/v1")[1]["memory_mb"] == 20.0
     status, reply = raw(server, "POST", "/v1/sessions", frame)
     assert status == 503 and "server is full" in reply["message"] and "try again later" in reply["message"]
     assert raw(server, "DELETE", f"/v1/sessions/{first}")[1] == {"closed": True}

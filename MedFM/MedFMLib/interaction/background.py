@@ -10,6 +10,7 @@ polls ``is_ready`` / ``failure`` from its own thread (a QTimer) and acts there.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 from ..imaging.geometry import SlicePlane
@@ -113,32 +114,40 @@ class PropagationJob:
     ``finished`` is true, and must not change the session meanwhile.
     """
 
-    def __init__(self, work) -> None:
+    def __init__(self, work, executor=None) -> None:
+        """``executor``: a shared, bounded pool (a server's) to run on; by default a thread of its own."""
         self.done = 0
         self.total = 0
         self.plane = None
         self.result = None
         self.failure: BaseException | None = None
+        #: time.monotonic() when it finished, for servers that forget old results
+        self.finished_at: float | None = None
         self._cancel = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(work,), name="MedFM-propagation", daemon=True)
-        self._thread.start()
+        self._ended = threading.Event()
+        if executor is None:
+            threading.Thread(target=self._run, args=(work,), name="MedFM-propagation", daemon=True).start()
+        else:
+            executor.submit(self._run, work)
 
     def _run(self, work) -> None:
         try:
             self.result = work(self._progress, self._cancel.is_set)
         except BaseException as exc:  # reported to the GUI thread, never raised on this one
             self.failure = exc
+        finally:
+            self.finished_at = time.monotonic()
+            self._ended.set()
 
     def _progress(self, done: int, total: int, plane) -> None:
         self.done, self.total, self.plane = done, total, plane
 
     @property
     def finished(self) -> bool:
-        return not self._thread.is_alive()
+        return self._ended.is_set()
 
     def cancel(self) -> None:
         self._cancel.set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return self.finished
+        return self._ended.wait(timeout)

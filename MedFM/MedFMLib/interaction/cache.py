@@ -38,10 +38,13 @@ class CacheStats:
 class EmbeddingCache:
     """Least-recently-used embeddings, evicted once their total size exceeds the budget."""
 
-    def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+    def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES, headroom: Callable[[], int] | None = None) -> None:
+        """``headroom()``, if given, says how many more bytes may be used beyond what is in use now (a server's
+        memory shared by many sessions' caches): the cache then keeps to the smaller of its budget and that."""
         if budget_bytes <= 0:
             raise ValueError("the cache budget must be positive")
         self.budget_bytes = int(budget_bytes)
+        self.headroom = headroom
         self.stats = CacheStats()
         self._entries: OrderedDict[EmbeddingKey, Embedding] = OrderedDict()
         self._bytes = 0
@@ -74,9 +77,12 @@ class EmbeddingCache:
                 self._bytes -= self._entries.pop(key).nbytes
             self._entries[key] = embedding
             self._bytes += embedding.nbytes
+            limit = self.budget_bytes
+            if self.headroom is not None:  # the new entry is counted in use already
+                limit = min(limit, self._bytes + self.headroom())
             # Always keep the newest entry, even if it alone exceeds the budget:
             # the click that asked for it is about to use it.
-            while self._bytes > self.budget_bytes and len(self._entries) > 1:
+            while self._bytes > limit and len(self._entries) > 1:
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= evicted.nbytes
                 self.stats.evictions += 1

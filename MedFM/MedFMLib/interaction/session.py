@@ -102,6 +102,7 @@ class Session(SessionObjects):
         window: Window | None = None,
         cache: EmbeddingCache | None = None,
         isotropic: bool | None = None,
+        max_undo: int | None = None,
     ) -> None:
         self.volume = volume
         self.engine = engine
@@ -110,6 +111,8 @@ class Session(SessionObjects):
         # Resample anisotropic slices to square pixels (default: as the engine prefers).
         self.isotropic = engine.prefers_square_pixels if isotropic is None else isotropic
         self.objects: dict[int, SegmentObject] = {}
+        #: undo steps kept (None: all); each step holds the slice states it replaced, masks and logits included
+        self.max_undo = max_undo
         self._undo: list[list[_Change]] = []
         self._redo: list[list[_Change]] = []
         self._next_object_id = 1
@@ -489,7 +492,32 @@ class Session(SessionObjects):
         updates = [self._apply(c.object_id, c.plane, c.after) for c in changes]
         self._undo.append(changes)
         self._redo.clear()
+        if self.max_undo is not None:
+            del self._undo[: max(0, len(self._undo) - self.max_undo)]
         return updates
+
+    def drop_oldest_undo(self) -> bool:
+        """Forget the oldest undo step (to free memory); False when there is none."""
+        if not self._undo:
+            return False
+        del self._undo[0]
+        return True
+
+    def state_nbytes(self) -> int:
+        """Memory held by slice states: the current ones and those kept for undo and redo, each array once."""
+        seen: set[int] = set()
+        total = 0
+        states = [s for obj in self.objects.values() for s in obj.slices.values()]
+        for stack in (self._undo, self._redo):
+            states += [state for entry in stack for change in entry for state in (change.before, change.after)]
+        for state in states:
+            if state is None:
+                continue
+            for array in (state.mask, state.logits, state.carried_logits):
+                if array is not None and id(array) not in seen:
+                    seen.add(id(array))
+                    total += array.nbytes
+        return total
 
     def _apply(self, object_id: int, plane: SlicePlane, state: SliceState | None) -> SliceUpdate:
         obj = self.objects[object_id]

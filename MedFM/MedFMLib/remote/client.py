@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import ssl
 import threading
 import time
@@ -37,6 +38,7 @@ from .protocol import (
     choose_codec,
     decode_array,
     encode_array,
+    is_loopback,
     pack_frame,
     unpack_frame,
 )
@@ -63,6 +65,13 @@ class TrafficCounter:
     requests: int = 0
 
 
+#: a reply larger than this is refused before it is read whole (a whole-volume mask of 1024³ is 128 MiB)
+MAX_REPLY_BYTES = 1 << 30
+#: hosts already warned about (once per process): the token crosses the network in clear
+_WARNED_HOSTS: set[str] = set()
+log = logging.getLogger("medfm.client")
+
+
 class ServerConnection:
     """HTTP(S) to one MedFM server, with its token; one keep-alive connection per thread."""
 
@@ -73,6 +82,7 @@ class ServerConnection:
         ca_cert: str | None = None,
         timeout: float = 300.0,
         reconnect_seconds: float = 30.0,
+        max_reply_bytes: int = MAX_REPLY_BYTES,
     ) -> None:
         parsed = urllib.parse.urlsplit(url.strip())
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -89,6 +99,13 @@ class ServerConnection:
         self._local = threading.local()
         self.traffic = TrafficCounter()
         self.info: dict | None = None
+        self.max_reply_bytes = max_reply_bytes
+        if parsed.scheme == "http" and not is_loopback(parsed.hostname) and parsed.hostname not in _WARNED_HOSTS:
+            _WARNED_HOSTS.add(parsed.hostname)
+            log.warning(
+                "medfm: warning: the token and the images go to %s unencrypted (http); ask for an https address.",
+                parsed.hostname,
+            )
 
     # ------------------------------------------------------------ transport
     def _connection(self, fresh: bool = False) -> http.client.HTTPConnection:
@@ -125,7 +142,7 @@ class ServerConnection:
                 connection = self._connection(fresh)
                 connection.request(method, self._prefix + path, body=body, headers=headers)
                 response = connection.getresponse()
-                data = response.read()
+                data = self._read_bounded(response)
                 break
             except ssl.SSLError as exc:
                 raise RemoteError(
@@ -152,6 +169,19 @@ class ServerConnection:
         if response.status >= 400:
             self._raise(response.status, data)
         return response.status, response.getheader("Content-Type", ""), data
+
+    def _read_bounded(self, response: http.client.HTTPResponse) -> bytes:
+        """The reply's body, refused past ``max_reply_bytes``: a hostile server cannot fill this computer's memory."""
+        length = response.getheader("Content-Length")
+        declared_too_large = length is not None and length.isdigit() and int(length) > self.max_reply_bytes
+        data = b"" if declared_too_large else response.read(self.max_reply_bytes + 1)
+        if declared_too_large or len(data) > self.max_reply_bytes:
+            self._connection(fresh=True)  # the rest of that reply is never read
+            raise ProtocolError(
+                f"The server at {self.url} sent a reply larger than {self.max_reply_bytes / 2**20:.0f} MiB; "
+                "is it a MedFM server?"
+            )
+        return data
 
     def _raise(self, status: int, data: bytes) -> None:
         try:
@@ -353,12 +383,18 @@ class RemoteSession(SessionObjects):
             if object_id not in self.objects:
                 mask = np.zeros(self.volume.array.shape, dtype=bool)
                 self.objects[object_id] = SegmentObject(object_id, name, tuple(color), mask)
+        # A reply never holds more than one byte per voxel of this volume (a whole-volume mask is less):
+        # that bound holds against a hostile server too, before anything is decompressed.
         if "array" in header:
-            header["_array"] = decode_array(header["array"], parts[0], max_bytes=self.volume.array.nbytes * 8)
+            header["_array"] = decode_array(header["array"], parts[0], max_bytes=self.volume.array.size)
         blobs = iter(parts[1:] if "array" in header else parts)
         for region in header.get("regions", []):
-            crop = decode_array(region["mask"], next(blobs), max_bytes=self.volume.array.size)
+            crop = decode_array(region["mask"], next(blobs), max_bytes=(self.volume.array.size + 7) // 8)
             start = region["start"]
+            if len(start) != 3 or crop.ndim != 3 or any(
+                not 0 <= s <= s + n <= limit for s, n, limit in zip(start, crop.shape, self.volume.array.shape)
+            ):
+                raise ProtocolError("The server sent a mask region outside the volume; is it a MedFM server?")
             target = tuple(slice(s, s + n) for s, n in zip(start, crop.shape))
             self.objects[region["object"]].mask[target] = crop
         for object_id, axis, index, summary in header.get("slices", []):

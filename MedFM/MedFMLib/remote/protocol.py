@@ -13,7 +13,9 @@ numpy are used, so the client runs inside Slicer without extra packages.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import math
 import struct
 import zlib
 from collections.abc import Sequence
@@ -30,6 +32,16 @@ FRAME_CONTENT_TYPE = "application/x-medfm-frame"
 MAX_HEADER_BYTES = 256 * 1024
 ARRAY_DTYPES = frozenset({"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"})
 _HEADER_LENGTH = struct.Struct(">I")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address is this computer (traffic to it never crosses a network)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def available_codecs() -> list[str]:
@@ -57,30 +69,78 @@ def compress(data: bytes, codec: str) -> bytes:
     raise ProtocolError(f"Unknown codec '{codec}'; this side knows {', '.join(available_codecs())}.")
 
 
-def decompress(data: bytes, codec: str, size: int) -> bytes:
-    """Decompress exactly ``size`` bytes: a payload that expands further (a bomb) or less is refused."""
+_PIECE_BYTES = 16 * 2**20
+
+
+def decompress_into(data, codec: str, out: memoryview) -> None:
+    """Decompress into ``out``, which the payload must fill exactly: more (a bomb) or less is refused.
+
+    The output is bounded by ``out``'s size and written piece by piece, so memory never holds more than
+    the target and one piece; ``data`` may be any bytes-like object (a memoryview of an upload).
+    """
+    out = out.cast("B")
+    size = len(out)
+    if size <= 0:
+        raise ProtocolError("A compressed payload must declare a positive size.")
     try:
         if codec == "zstd":
-            import io
-
             import zstandard
 
-            # A bounded read: a frame that claims or holds more than declared cannot make us allocate it.
-            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
-                out = reader.read(size + 1)
+            with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+                filled = 0
+                while filled < size:
+                    count = reader.readinto(out[filled : filled + _PIECE_BYTES])
+                    if count == 0:
+                        break
+                    filled += count
+                beyond = reader.read(1)
         elif codec == "zlib":
-            inflater = zlib.decompressobj()
-            out = inflater.decompress(data, size + 1)
+            inflater, filled, source = zlib.decompressobj(), 0, memoryview(data)
+            while filled < size:
+                piece = inflater.decompress(source, min(_PIECE_BYTES, size - filled))
+                source = inflater.unconsumed_tail
+                if not piece:
+                    break
+                out[filled : filled + len(piece)] = piece
+                filled += len(piece)
+            # One more byte, from what is left or from output zlib still holds: there must be none.
+            beyond = inflater.decompress(inflater.unconsumed_tail, 1)
         else:
             raise ProtocolError(f"Unknown codec '{codec}'; use one of {', '.join(available_codecs())}.")
     except ProtocolError:
         raise
     except Exception as exc:  # zlib.error, zstandard.ZstdError: corrupt data
         raise ProtocolError(f"Compressed data is corrupt ({codec}: {exc}).") from None
-    if len(out) != size:
-        relation = "more" if len(out) > size else "less"
-        raise ProtocolError(f"Compressed data holds {relation} than the {size} bytes declared.")
-    return out
+    if filled < size:
+        raise ProtocolError(f"Compressed data holds less than the {size} bytes declared.")
+    if beyond:
+        raise ProtocolError(f"Compressed data holds more than the {size} bytes declared.")
+
+
+def decompress(data, codec: str, size: int) -> bytes:
+    """Decompress exactly ``size`` bytes (a positive Python integer: it bounds what the decompressor may make)."""
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise ProtocolError(f"A compressed payload must declare a positive size, not {size!r}.")
+    out = bytearray(size)
+    decompress_into(data, codec, memoryview(out))
+    return bytes(out)
+
+
+def declared_bytes(dtype: str, shape: object) -> int:
+    """The bytes an array of this type and shape holds on the wire, in Python integers (no wrap-around).
+
+    Refuses a type not on the list, a shape that is not a list of positive integers, and an empty array.
+    """
+    if dtype not in ARRAY_DTYPES:
+        raise ProtocolError(f"Array type '{dtype}' is not accepted; use one of {sorted(ARRAY_DTYPES)}.")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 8
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+    ):
+        raise ProtocolError("An array shape must be a list of at most 8 positive integers.")
+    count = math.prod(shape)
+    return (count + 7) // 8 if dtype == "bool" else count * np.dtype(dtype).itemsize
 
 
 def encode_array(array: np.ndarray, codec: str) -> tuple[dict, bytes]:
@@ -97,28 +157,30 @@ def encode_array(array: np.ndarray, codec: str) -> tuple[dict, bytes]:
     return meta, compress(raw, codec)
 
 
-def decode_array(meta: dict, blob: bytes, max_bytes: int | None = None) -> np.ndarray:
-    """The array a description and its bytes stand for, after checking that they agree."""
+def decode_array(meta: dict, blob: bytes, max_bytes: int) -> np.ndarray:
+    """The array a description and its bytes stand for, after checking that they agree.
+
+    ``max_bytes`` bounds what the array may hold once decompressed; it is checked, with the declared
+    shape's size, before anything is decompressed. Server and client both decode through here.
+    """
     try:
         dtype, shape, codec, size = meta["dtype"], meta["shape"], meta["codec"], meta["size"]
     except (KeyError, TypeError):
         raise ProtocolError("An array description needs dtype, shape, codec and size.") from None
-    if dtype not in ARRAY_DTYPES:
-        raise ProtocolError(f"Array type '{dtype}' is not accepted; use one of {sorted(ARRAY_DTYPES)}.")
-    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
-        raise ProtocolError("An array shape must be a list of non-negative integers.")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    expected = (count + 7) // 8 if dtype == "bool" else count * np.dtype(dtype).itemsize
-    if not isinstance(size, int) or size != expected:
-        raise ProtocolError(f"Array of shape {shape} and type {dtype} should hold {expected} bytes, not {size}.")
-    if max_bytes is not None and expected > max_bytes:
+    expected = declared_bytes(dtype, shape)
+    if expected > max_bytes:
         raise ProtocolError(
-            f"The array ({expected / 2**20:.0f} MiB) is larger than the {max_bytes / 2**20:.0f} MiB allowed."
+            f"The array ({expected / 2**20:.1f} MiB) is larger than the {max_bytes / 2**20:.1f} MiB allowed."
         )
-    raw = decompress(blob, codec, expected)
+    if not isinstance(size, int) or isinstance(size, bool) or size != expected:
+        raise ProtocolError(f"Array of shape {shape} and type {dtype} should hold {expected} bytes, not {size}.")
     if dtype == "bool":
-        return np.unpackbits(np.frombuffer(raw, np.uint8), count=count).astype(bool).reshape(shape)
-    return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape).astype(dtype, copy=True)
+        packed = np.empty(expected, np.uint8)
+        decompress_into(blob, codec, memoryview(packed))
+        return np.unpackbits(packed, count=math.prod(shape)).astype(bool).reshape(shape)
+    array = np.empty(shape, dtype=np.dtype(dtype).newbyteorder("<"))
+    decompress_into(blob, codec, memoryview(array).cast("B"))
+    return array.astype(dtype, copy=False)  # no copy on little-endian machines
 
 
 def pack_frame(header: dict, parts: Sequence[bytes] = ()) -> bytes:

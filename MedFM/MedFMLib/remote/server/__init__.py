@@ -6,13 +6,13 @@ the client side uses the standard library.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import secrets
 import sys
 from pathlib import Path
 
 from ...errors import MedFMError
+from ..protocol import is_loopback
 
 TOKEN_FILE = "server_token"
 MIN_TOKEN_LENGTH = 16
@@ -40,15 +40,6 @@ def check_token(token: str) -> str:
     return token
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def serve(config, host: str = "127.0.0.1", port: int = 8000, tls_cert: str | None = None, tls_key: str | None = None):
     """Run the server until interrupted (uvicorn, one process: the models and the queue are shared)."""
     try:
@@ -69,7 +60,11 @@ def serve(config, host: str = "127.0.0.1", port: int = 8000, tls_cert: str | Non
             "unencrypted; give --tls-cert and --tls-key.",
             file=sys.stderr,
         )
+    from .guard import KEEP_ALIVE_SECONDS, GuardedH11Protocol, log_config, raise_file_limit
+
     app = create_app(config)
+    # Connections beyond what the process can keep open are closed at once, never left to fail in accept().
+    GuardedH11Protocol.max_connections = raise_file_limit()
     scheme = "https" if tls_cert else "http"
     print(f"MedFM server on {scheme}://{host}:{port} offering {', '.join(config.models)}", file=sys.stderr, flush=True)
     uvicorn.run(
@@ -78,8 +73,11 @@ def serve(config, host: str = "127.0.0.1", port: int = 8000, tls_cert: str | Non
         port=port,
         ssl_certfile=tls_cert,
         ssl_keyfile=tls_key,
+        http=GuardedH11Protocol,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        log_config=log_config(),
         log_level="info",
-        # Request lines hold session ids and routes only: no image data, names or prompts.
-        access_log=True,
+        # The app logs each request itself, with session ids shortened (a whole id grants access).
+        access_log=False,
         timeout_graceful_shutdown=5,
     )

@@ -15,9 +15,12 @@ field named); the log never holds voxels, names or prompts.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import math
 import threading
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -33,25 +36,22 @@ from ...errors import MedFMError, ModelError, PromptError, ProtocolError, Volume
 from ...imaging.geometry import SlicePlane
 from ...imaging.intensity import Window
 from ...imaging.volume import Volume
-from ...interaction.objects import SliceState, SliceUpdate
 from ...interaction.session import Session
 from ..protocol import (
-    ARRAY_DTYPES,
     FRAME_CONTENT_TYPE,
     MAX_HEADER_BYTES,
     PROTOCOL_VERSION,
     available_codecs,
-    changed_region,
+    declared_bytes,
     decode_array,
-    encode_array,
-    grow_extent,
-    pack_frame,
     parse_json,
-    unpack_frame,
 )
 from .gpu_queue import GpuQueue, QueuedEngine
+from .guard import short_path
+from .replies import build_reply, propagation_summary
 from .schemas import JOB_METHODS, METHODS, EncodePlanes, VolumeHeader
-from .sessions import ServerFull, ServerSession, SessionGone, SessionManager, TooLarge
+from .sessions import LimitReached, ServerFull, ServerSession, SessionGone, SessionManager, TooLarge
+from .upload import BODY_IDLE_SECONDS, UploadReader
 
 log = logging.getLogger("medfm.server")
 
@@ -64,6 +64,7 @@ _STATUS = {
     PromptError: 400,
     VolumeError: 400,
     ModelError: 409,
+    LimitReached: 409,
 }
 
 
@@ -79,6 +80,12 @@ class ServerConfig:
     cache_mb: int = 1024
     max_upload_mb: int = 1024
     max_batch: int = 4
+    #: per session: objects, prompts (points and boxes) and undo steps
+    max_objects: int = 64
+    max_prompts: int = 2000
+    max_undo: int = 50
+    #: propagation jobs running at once, all sessions together (one per session at most)
+    max_jobs: int = 2
 
 
 class ModelRegistry:
@@ -138,89 +145,27 @@ class ModelRegistry:
             return self._engines[name]
 
 
-# ------------------------------------------------------------------ replies
-def _state_summary(state: SliceState | None) -> dict | None:
-    if state is None:
-        return None
-    return {
-        "points": [[p.id, *p.ras, p.positive] for p in state.points],
-        "box": None if state.box is None else [state.box.id, list(state.box.corner_a), list(state.box.corner_b)],
-        "score": float(state.score),
-        "origin": state.origin,
-        "roi": None if state.roi_corners is None else np.asarray(state.roi_corners).tolist(),
-        "has_mask": state.mask is not None,
-    }
-
-
-def _propagation_summary(result, result_id: int | None = None) -> dict:
-    return {
-        "object": result.object_id,
-        "axis": result.axis,
-        "stops": [list(stop) for stop in result.stops],
-        "slices_written": result.slices_written,
-        "result": result_id,
-    }
-
-
-def build_reply(served: ServerSession, value, codec: str) -> bytes:
-    """The frame for a call's return value: changed slices, changed mask regions, and the value itself.
-
-    A plan (a dict) changes nothing yet: it goes into the header as it is.
-    """
-    from ...interaction.propagation import PropagationResult
-
-    session = served.session
-    header: dict = dict(value) if isinstance(value, dict) else {}
-    changed: dict[int, set[tuple[int, int]]] = {}
-    if isinstance(value, SliceUpdate) or (isinstance(value, list) and all(isinstance(v, SliceUpdate) for v in value)):
-        updates = [value] if isinstance(value, SliceUpdate) else value
-        header["updates"] = [[u.object_id, u.plane.axis, u.plane.index, float(u.score)] for u in updates]
-        for update in updates:
-            changed.setdefault(update.object_id, set()).add((update.plane.axis, update.plane.index))
-    elif isinstance(value, PropagationResult):
-        header["propagation"] = _propagation_summary(value)
-        planes = {(plane.axis, plane.index) for plane in value.states}
-        if planes:
-            changed[value.object_id] = planes
-    elif isinstance(value, (int, str)):
-        header["value"] = value
-    parts: list[bytes] = []
-    if isinstance(value, np.ndarray):
-        meta, blob = encode_array(value, codec)
-        header["array"] = meta
-        parts.append(blob)
-    slices, regions = [], []
-    for object_id, planes in changed.items():
-        obj = session.objects.get(object_id)
-        if obj is None:
-            continue
-        ordered = sorted(planes)
-        for axis, index in ordered:
-            slices.append([object_id, axis, index, _state_summary(obj.slices.get(SlicePlane(axis, index)))])
-        extent = grow_extent(served.extents.get(object_id), obj.mask, ordered)
-        served.extents[object_id] = extent
-        region = changed_region(obj.mask, ordered, extent)
-        if region is None:
-            continue
-        meta, blob = encode_array(obj.mask[region], codec)
-        regions.append({"object": object_id, "start": [s.start for s in region], "mask": meta})
-        parts.append(blob)
-    header.update(
-        slices=slices,
-        regions=regions,
-        objects=[[o.id, o.name, list(o.color)] for o in session.objects.values()],
-        can_undo=session.can_undo,
-        can_redo=session.can_redo,
-    )
-    return pack_frame(header, parts)
-
-
 def _arguments(args) -> dict:
     """Validated arguments as the session method takes them (options as PropagationOptions)."""
     values = {name: getattr(args, name) for name in type(args).model_fields}
     if "options" in values:
         values["options"] = None if args.options is None else args.options.to_options()
     return values
+
+
+def check_counts(served: ServerSession, method: str, config: ServerConfig) -> None:
+    """Objects and prompts per session are capped: every reply lists the objects, and each costs memory."""
+    session = served.session
+    if method == "add_object" and len(session.objects) >= config.max_objects:
+        raise LimitReached(
+            f"This session has {len(session.objects)} objects, the server's limit; apply or remove some first."
+        )
+    if method in ("add_point", "set_box", "set_roi", "plan_roi"):
+        prompts = sum(len(session.prompts(object_id)) for object_id in session.objects)
+        if prompts >= config.max_prompts:
+            raise LimitReached(
+                f"This session holds {prompts} prompts, the server's limit; apply or clear objects first."
+            )
 
 
 def call_method(served: ServerSession, method: str, args) -> object:
@@ -239,7 +184,7 @@ def call_method(served: ServerSession, method: str, args) -> object:
         return session.repropagate(values["object_id"], SlicePlane(axis, index), values["options"])
     if method in ("plan_propagation", "plan_roi"):
         result = getattr(session, method)(**values)
-        return {"propagation": _propagation_summary(result, served.keep_result(result))}
+        return {"propagation": propagation_summary(result, served.keep_result(result))}
     return getattr(session, method)(**values)
 
 
@@ -250,15 +195,20 @@ def create_app(config: ServerConfig, store=None):
     queue = GpuQueue(config.max_batch)
     registry = ModelRegistry(config, queue, store)
     manager = SessionManager(
-        config.session_ttl_seconds, config.max_session_mb * 2**20, config.max_total_mb * 2**20, config.cache_mb * 2**20
+        config.session_ttl_seconds,
+        config.max_session_mb * 2**20,
+        config.max_total_mb * 2**20,
+        config.cache_mb * 2**20,
+        config.max_jobs,
     )
     stop_sweeping = threading.Event()
 
     def sweep() -> None:
         interval = max(0.2, min(30.0, config.session_ttl_seconds / 4))
         while not stop_sweeping.wait(interval):
-            for session_id in manager.expire():
-                log.info("session %s expired", session_id[:6])
+            for served in manager.expire():
+                log.info("session %s expired after %.0f s idle; %d in use", served.id[:6], config.session_ttl_seconds,
+                         len(manager))  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app):
@@ -275,9 +225,19 @@ def create_app(config: ServerConfig, store=None):
     def error(status: int, kind: str, message: str):
         return JSONResponse({"error": kind, "message": message}, status_code=status, headers=_version_headers())
 
+    def is_upload(request: Request) -> bool:
+        return request.method == "POST" and request.url.path.rstrip("/") == "/v1/sessions"
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        """Token, protocol version and body size, before any route reads anything."""
+        """Token, protocol version and body size, before any route reads anything; one log line per request."""
+        started = time.monotonic()
+        response = await check_and_call(request, call_next)
+        log.info("%s %s %d (%.0f ms)", request.method, short_path(request.url.path), response.status_code,
+                 1000 * (time.monotonic() - started))  # fmt: skip
+        return response
+
+    async def check_and_call(request: Request, call_next):
         supplied = request.headers.get("authorization", "")
         if not supplied.startswith("Bearer "):
             return error(401, "Unauthorized", "This MedFM server needs a token: give the one `medfm serve` showed.")
@@ -292,29 +252,29 @@ def create_app(config: ServerConfig, store=None):
                 f"This server runs MedFM {__version__} (protocol {PROTOCOL_VERSION}) and the client MedFM "
                 f"{client_version} (protocol {client_protocol}); install the same MedFM version on both.",
             )
-        is_upload = request.method == "POST" and request.url.path.rstrip("/") == "/v1/sessions"
-        limit = config.max_upload_mb * 2**20 if is_upload else MAX_HEADER_BYTES
+        limit = config.max_upload_mb * 2**20 if is_upload(request) else MAX_HEADER_BYTES
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return error(413, "TooLarge", f"The request is larger than the {limit / 2**20:.2f} MiB this route accepts.")
-        if request.method in ("POST", "PUT", "PATCH"):
-            # Read the body here, bounded, so that a chunked upload without a length is limited too.
+        if request.method in ("POST", "PUT", "PATCH") and not is_upload(request):  # an upload streams to its route
             body = bytearray()
             try:
-                async for chunk in request.stream():
-                    body += chunk
+                chunks = request.stream().__aiter__()
+                while True:
+                    try:
+                        body += await asyncio.wait_for(chunks.__anext__(), BODY_IDLE_SECONDS)
+                    except StopAsyncIteration:
+                        break
                     if len(body) > limit:
-                        return error(
-                            413, "TooLarge", f"The request is larger than the {limit / 2**20:.2f} MiB allowed."
-                        )
-            except ClientDisconnect:
-                log.info("a client disconnected during %s %s", request.method, request.url.path)
+                        return error(413, "TooLarge", f"The request is larger than the {limit / 2**20:.2f} MiB allowed")
+            except (ClientDisconnect, asyncio.TimeoutError):
+                log.warning("a client went away or stalled before its request was complete")
                 return error(400, "ClientDisconnect", "The client went away before its request was complete.")
             request.state.body = bytes(body)
         try:
             response = await call_next(request)
         except Exception:  # noqa: BLE001 - survive anything, log no data
-            log.exception("internal error on %s %s", request.method, request.url.path)
+            log.exception("internal error on %s %s", request.method, short_path(request.url.path))
             return error(500, "InternalError", "The server failed on this request; its log has the details.")
         response.headers.update(_version_headers())
         return response
@@ -327,6 +287,8 @@ def create_app(config: ServerConfig, store=None):
         if isinstance(exc, MedFMError):
             status = next((code for kind, code in _STATUS.items() if isinstance(exc, kind)), 400)
             return error(status, type(exc).__name__, str(exc))
+        if isinstance(exc, ClientDisconnect):
+            return error(400, "ClientDisconnect", "The client went away before its request was complete.")
         text = str(exc).lower()
         if "out of memory" in text:
             return error(503, "OutOfMemory", "The server's GPU ran out of memory; try again in a moment.")
@@ -357,32 +319,39 @@ def create_app(config: ServerConfig, store=None):
                 "max_total_mb": config.max_total_mb,
                 "max_upload_mb": config.max_upload_mb,
                 "session_ttl_seconds": config.session_ttl_seconds,
+                "max_objects": config.max_objects,
+                "max_prompts": config.max_prompts,
+                "max_undo": config.max_undo,
+                "max_jobs": config.max_jobs,
             },
             "queue": dict(vars(queue.stats), pending=queue.pending),
         }
 
-    def create_session(body: bytes) -> dict:
-        header, parts = unpack_frame(body)
+    def upload_plan(header: dict) -> tuple[VolumeHeader, dict, int, int]:
+        """The upload's header, checked: (spec, array description, volume bytes, voxels), before any voxel is read."""
         spec = VolumeHeader.model_validate(header)
-        if len(parts) != 1:
+        if len(header["parts"]) != 1:
             raise ProtocolError("A volume upload is one frame with one part: the voxels.")
         meta = spec.array
         shape = meta.get("shape") if isinstance(meta, dict) else None
-        if not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(n, int) and n > 0 for n in shape):
+        if not isinstance(shape, list) or len(shape) != 3:
             raise ProtocolError("The volume must be a 3D array (K, J, I) with at least one voxel along each axis.")
         if meta.get("dtype") == "bool":
             raise ProtocolError("The volume must hold numbers, not booleans.")
-        voxels = int(np.prod(shape))
-        itemsize = np.dtype(meta["dtype"]).itemsize if meta.get("dtype") in ARRAY_DTYPES else 1
-        manager.check_volume(voxels * itemsize, voxels)
-        engine = registry.engine(spec.model)  # before decoding: a wrong model name costs nothing
-        array = decode_array(meta, parts[0], max_bytes=manager.max_session_bytes)
+        volume_bytes = declared_bytes(meta.get("dtype"), shape)  # Python integers: no wrap-around
+        return spec, meta, volume_bytes, math.prod(shape)
+
+    def create_session(spec: VolumeHeader, meta: dict, blob, engine) -> dict:
+        array = decode_array(meta, blob, max_bytes=manager.max_session_bytes)
         volume = Volume(array, np.array(spec.ijk_to_ras, dtype=np.float64), name="remote")
         window = None if spec.window is None else Window(*spec.window)
-        served = manager.create(lambda cache: Session(volume, engine, window, cache, spec.isotropic), spec.model)
+        served = manager.create(
+            lambda cache: Session(volume, engine, window, cache, spec.isotropic, max_undo=config.max_undo), spec.model
+        )
         log.info(
-            "session %s: %s, volume %s %s (%.0f MiB)", served.id[:6], spec.model, "x".join(map(str, shape)),
-            meta["dtype"], array.nbytes / 2**20,
+            "session %s created: %s, volume %s %s (%.1f MiB); %d sessions, %.0f MiB in use", served.id[:6],
+            spec.model, "x".join(map(str, array.shape)), meta["dtype"], array.nbytes / 2**20, len(manager),
+            manager.nbytes / 2**20,
         )  # fmt: skip
         return {
             "session": served.id,
@@ -395,14 +364,23 @@ def create_app(config: ServerConfig, store=None):
 
     @app.post("/v1/sessions")
     async def post_session(request: Request):
-        return await guarded(create_session, request.state.body)
+        """The header is checked and room reserved before the voxels are read; they stream into one buffer."""
+        reader = UploadReader(request, config.max_upload_mb * 2**20)
+        try:
+            spec, meta, volume_bytes, voxels = upload_plan(await reader.header())
+            with manager.admission(volume_bytes, voxels):
+                engine = await run_in_threadpool(registry.engine, spec.model)  # a wrong model costs no upload
+                (blob,) = await reader.parts()
+                return await run_in_threadpool(create_session, spec, meta, blob, engine)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one JSON line
+            return failure(exc)
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str):
         closed = manager.close(session_id)
-        if closed:
-            log.info("session %s closed", session_id[:6])
-        return {"closed": closed}
+        if closed is not None:
+            log.info("session %s closed by its client; %d in use", session_id[:6], len(manager))
+        return {"closed": closed is not None}
 
     def call(session_id: str, body: bytes, codec: str) -> bytes:
         message = parse_json(body)
@@ -413,12 +391,17 @@ def create_app(config: ServerConfig, store=None):
             raise ProtocolError("'seq' must be an integer.")
         args = METHODS[method].model_validate(message.get("args") or {})
         served = manager.get(session_id)
+        if served.busy:  # its job holds the session: calls never overlap it
+            raise LimitReached("A propagation is running on this session; wait for it, or cancel it.")
         with served.lock:
             if sequence is not None and sequence == served.last_sequence and served.last_reply is not None:
                 return served.last_reply  # a retry after a lost reply: the action ran already
+            check_counts(served, method, config)
             if method == "add_object":
                 manager.check_object_budget(served)
-            reply = build_reply(served, call_method(served, method, args), codec)
+            value = call_method(served, method, args)
+            manager.settle(served)
+            reply = build_reply(served, value, codec)
             served.last_sequence, served.last_reply = sequence, reply
         return reply
 
@@ -451,9 +434,12 @@ def create_app(config: ServerConfig, store=None):
             raise ProtocolError(f"Only {' and '.join(JOB_METHODS)} run as jobs, not {method!r}.")
         args = METHODS[method].model_validate(message.get("args") or {})
         served = manager.get(session_id)
+        check_counts(served, method, config)
         values = _arguments(args)
         planner = getattr(served.session, method)
-        job_id = served.start_job(lambda progress, cancelled: planner(**values, progress=progress, cancel=cancelled))
+        job_id = served.start_job(
+            lambda progress, cancelled: planner(**values, progress=progress, cancel=cancelled), manager.jobs
+        )
         return {"job": job_id}
 
     @app.post("/v1/sessions/{session_id}/jobs")
@@ -480,7 +466,7 @@ def create_app(config: ServerConfig, store=None):
                 with served.lock:
                     if not job.collected:
                         job.result_id, job.collected = served.keep_result(job.result), True
-                state["propagation"] = _propagation_summary(job.result, job.result_id)
+                state["propagation"] = propagation_summary(job.result, job.result_id)
         return state
 
     @app.get("/v1/sessions/{session_id}/jobs/{job_id}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import MedFMError
+from .errors import MedFMError, ModelError
 
 _COORDINATE_OPTIONS = ("--point", "--negative", "--box")
 
@@ -371,8 +371,17 @@ def cmd_models(args: argparse.Namespace) -> int:
         names = [args.target]
     else:
         raise MedFMError("Name the model to remove, or give --all.")
+    kept = 0
     for name in names:
-        print(f"{name}: {'removed' if store.remove(name) else 'nothing to remove'}")
+        try:
+            print(f"{name}: {'removed' if store.remove(name) else 'nothing to remove'}")
+        except ModelError as exc:
+            if not args.all:
+                raise
+            kept += 1
+            print(f"{name}: kept: {exc}")
+    if kept:
+        raise MedFMError(f"{kept} file(s) were not put there by MedFM and were kept; see above.")
     return 0
 
 

@@ -250,7 +250,8 @@ def test_organisation_catalog_from_a_url_and_its_offline_copy(server, tmp_path):
     mirror.document = _catalog(tmp_path, server).read_bytes()
     threading.Thread(target=mirror.serve_forever, daemon=True).start()
     catalog_url = f"http://127.0.0.1:{mirror.server_address[1]}/catalog.json"
-    env = {"MEDFM_HOME": str(tmp_path / "home"), "MEDFM_CATALOG": catalog_url}
+    pin = hashlib.sha256(mirror.document).hexdigest()  # plain http needs the catalog's hash pinned
+    env = {"MEDFM_HOME": str(tmp_path / "home"), "MEDFM_CATALOG": catalog_url, "MEDFM_CATALOG_SHA256": pin}
     online = _medfm("models", "download", "test_model", env=env)
     assert online.returncode == 0, online.stderr
     assert (tmp_path / "home" / "models" / "test_model" / "test_model.pth").read_bytes() == PAYLOAD
@@ -425,3 +426,80 @@ def test_models_verify_fails_on_a_damaged_file(server, tmp_path):
     listed = _medfm("models", "list", env=env)
     row = next(line for line in listed.stdout.splitlines() if line.startswith("test_model"))
     assert row.split()[1] == "mismatch" and "test_model: checksum mismatch" in listed.stdout
+
+
+# ------------------------------------------------------------ files stay inside the models folder
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("filename", "/home/someone/pwned.pth"), ("filename", "../../escaped.pth"), ("name", "../../../elsewhere/x")],
+)
+def test_a_catalog_entry_that_points_outside_is_refused_when_the_catalog_loads(server, tmp_path, field, value):
+    entry = dict(_entry("evil", server, "/model.pth", DIGEST, "evil.pth"), **{field: value})
+    catalog = _write_catalog(tmp_path / "org.json", entry)
+    for command in (["models", "list"], ["models", "download", "evil"], ["models", "remove", "--all"]):
+        result = _medfm(*command, env={"MEDFM_HOME": str(tmp_path / "home"), "MEDFM_CATALOG": str(catalog)})
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert f"unsafe {'file name' if field == 'filename' else 'name'} {value!r}" in result.stderr
+    assert server.requests == [] and not list(tmp_path.rglob("*.pth"))
+
+
+def test_a_link_out_of_the_models_folder_is_not_followed(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDFM_CATALOG", str(_catalog(tmp_path, server)))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "test_model.pth").write_bytes(b"someone else's file")
+    store = ModelStore(tmp_path / "home")
+    store.models_dir.mkdir(parents=True)
+    (store.models_dir / "test_model").symlink_to(outside, target_is_directory=True)
+    for action in (store.download, store.remove, store.verify):
+        with pytest.raises(ModelError, match="outside the models folder"):
+            action("test_model")
+    assert (outside / "test_model.pth").read_bytes() == b"someone else's file" and server.requests == []
+
+
+def test_remove_deletes_only_files_the_store_wrote(server, tmp_path):
+    env = {"MEDFM_HOME": str(tmp_path / "home"), "MEDFM_CATALOG": str(_catalog(tmp_path, server))}
+    placed = tmp_path / "home" / "models" / "test_model" / "test_model.pth"
+    placed.parent.mkdir(parents=True)
+    placed.write_bytes(b"put here by hand")
+    one = _medfm("models", "remove", "test_model", env=env)
+    assert one.returncode == 1 and "not put there by MedFM" in one.stderr and placed.exists()
+    every = _medfm("models", "remove", "--all", env=env)
+    assert every.returncode == 1 and "test_model: kept" in every.stdout and placed.exists()
+    placed.unlink()
+    assert _medfm("models", "download", "test_model", env=env).returncode == 0
+    assert _medfm("models", "remove", "--all", env=env).returncode == 0 and not placed.exists()
+
+
+def test_a_custom_checkpoint_never_replaces_the_official_file(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDFM_CATALOG", str(_catalog(tmp_path, server)))
+    store = ModelStore(tmp_path / "home")
+    official = store.download("test_model")
+    custom = tmp_path / "finetuned.pth"
+    custom.write_bytes(b"my own weights")
+    imported = store.import_file(custom, "my_finetune", arch="test_model")
+    assert imported != official and imported.read_bytes() == b"my own weights"
+    assert official.read_bytes() == PAYLOAD and store.verify("test_model") == (True, "SHA-256 matches (published)")
+    assert store.verify("my_finetune")[0]
+
+
+def test_a_remote_catalog_must_be_https_or_pinned(tmp_path):
+    document = _write_catalog(tmp_path / "org.json", {"name": "x", "engine": "classic", "arch": "-", "task": "-",
+                              "license": "-", "commercial_use": True, "homepage": "-"}).read_bytes()  # fmt: skip
+    mirror = ThreadingHTTPServer(("127.0.0.1", 0), CatalogHandler)
+    mirror.document = document
+    threading.Thread(target=mirror.serve_forever, daemon=True).start()
+    catalog_url = f"http://127.0.0.1:{mirror.server_address[1]}/catalog.json"
+    env = {"MEDFM_HOME": str(tmp_path / "home"), "MEDFM_CATALOG": catalog_url}
+    try:
+        plain = _medfm("models", "list", env=env)
+        assert plain.returncode == 1 and plain.stderr.count("\n") == 1
+        assert "use an https:// address, or pin the catalog's SHA-256 in MEDFM_CATALOG_SHA256" in plain.stderr
+        wrong = _medfm("models", "list", env={**env, "MEDFM_CATALOG_SHA256": "0" * 64})
+        assert wrong.returncode == 1 and "does not match MEDFM_CATALOG_SHA256" in wrong.stderr
+        assert not (tmp_path / "home" / "catalogs").exists() or not any((tmp_path / "home" / "catalogs").iterdir())
+        pinned = _medfm("models", "list", env={**env, "MEDFM_CATALOG_SHA256": hashlib.sha256(document).hexdigest()})
+        assert pinned.returncode == 0 and "\nx " in pinned.stdout
+    finally:
+        mirror.shutdown()
+        mirror.server_close()

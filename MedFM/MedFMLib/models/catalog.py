@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from hashlib import sha256
 from pathlib import Path
 
 from ..errors import ModelError
@@ -51,7 +53,24 @@ class ModelInfo:
         return self.engine != "classic"
 
 
+#: one plain path component: a model or file name can never point outside its folder
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def check_safe_name(kind: str, value: object, entry: str) -> str:
+    """``value`` if it is one plain path component (no folders, no ``..``, not hidden), else one clear error."""
+    if not isinstance(value, str) or not _SAFE_NAME.match(value) or ".." in value:
+        raise ModelError(
+            f"The catalog entry {entry!r} has an unsafe {kind} {value!r} (only letters, digits and . _ + -, "
+            "no folders); fix the catalog."
+        )
+    return value
+
+
 def _parse_entry(entry: dict) -> ModelInfo:
+    name = check_safe_name("name", entry.get("name"), str(entry.get("name")))
+    if entry.get("filename") is not None:
+        check_safe_name("file name", entry["filename"], name)
     fields = set(ModelInfo.__dataclass_fields__)
     values = {k: v for k, v in entry.items() if k in fields}
     values["prompts"] = tuple(values.get("prompts", ()))
@@ -70,41 +89,63 @@ def read_catalog_file(source: Path) -> dict[str, ModelInfo]:
             document = json.loads(source.read_text(encoding="utf-8"))
             _parsed[stamp] = {entry["name"]: _parse_entry(entry) for entry in document["models"]}
         return _parsed[stamp]
+    except ModelError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"Cannot read the model catalog '{source}': {exc}; fix or unset the file.") from None
 
 
 CATALOG_FETCH_TIMEOUT_SECONDS = 10.0
+MAX_CATALOG_BYTES = 16 * 2**20
 
 
 def _mirror_copy_path(url: str) -> Path:
     """Where the last good copy of a remote catalog is kept, so MedFM still starts offline."""
-    from hashlib import sha256
-
     return default_home() / "catalogs" / f"{sha256(url.encode()).hexdigest()[:16]}.json"
+
+
+def _pinned_hash() -> str | None:
+    pinned = os.environ.get("MEDFM_CATALOG_SHA256", "").strip().lower()
+    return pinned or None
 
 
 def fetch_catalog(url: str) -> Path:
     """Fetch an organisation's catalog from ``url`` (its internal mirror) and return a local copy.
 
-    When the server cannot be reached, the copy from the last successful fetch
-    is used; without one, the error says what to do.
+    The catalog says where model files come from and what they must hash to, so it must be
+    authentic: an ``https://`` address, or any address with its SHA-256 pinned in
+    ``$MEDFM_CATALOG_SHA256``. When the server cannot be reached, the copy from the last
+    successful fetch is used; without one, the error says what to do.
     """
+    pinned = _pinned_hash()
+    if url.startswith("http://") and pinned is None:
+        raise ModelError(
+            f"The model catalog {url} is plain http, which anyone on the network could change; "
+            "use an https:// address, or pin the catalog's SHA-256 in MEDFM_CATALOG_SHA256."
+        )
     copy = _mirror_copy_path(url)
     try:
         with urllib.request.urlopen(url, timeout=CATALOG_FETCH_TIMEOUT_SECONDS) as response:
-            text = response.read().decode("utf-8")
+            data = response.read(MAX_CATALOG_BYTES + 1)
+        if len(data) > MAX_CATALOG_BYTES:
+            raise ValueError(f"larger than {MAX_CATALOG_BYTES // 2**20} MiB")
+        text = data.decode("utf-8")
         json.loads(text)["models"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        if copy.is_file():
+        if copy.is_file() and (pinned is None or sha256(copy.read_bytes()).hexdigest() == pinned):
             return copy
         reason = f"HTTP {exc.code}" if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", exc)
         raise ModelError(
             f"Cannot fetch the model catalog {url} ({reason}); check the address and network, or unset MEDFM_CATALOG."
         ) from None
+    if pinned is not None and sha256(data).hexdigest() != pinned:
+        raise ModelError(
+            f"The model catalog {url} does not match MEDFM_CATALOG_SHA256 ({sha256(data).hexdigest()[:12]}…, "
+            f"pinned {pinned[:12]}…); ask its administrator for the current hash."
+        )
     copy.parent.mkdir(parents=True, exist_ok=True)
     temporary = copy.with_suffix(".tmp")
-    temporary.write_text(text, encoding="utf-8")
+    temporary.write_bytes(data)
     os.replace(temporary, copy)
     return copy
 

@@ -20,30 +20,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import ModelError
 from ..home import default_home
-from .catalog import ModelInfo, get_model_info, load_catalog
+from .catalog import ModelInfo, check_safe_name, get_model_info, load_catalog
 from .download import ProgressCallback, download, file_lock, sha256_of
 
 REGISTRY_NAME = "registry.json"
-
-#: one plain path component: a model or file name can never point outside its folder
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-
-
-def _check_safe(kind: str, value: str, name: str) -> str:
-    if not _SAFE_NAME.match(value) or ".." in value:
-        raise ModelError(
-            f"The catalog entry '{name}' has an unsafe {kind} {value!r} (only letters, digits and . _ + -, "
-            "no folders); fix the catalog."
-        )
-    return value
-
 
 def _no_address(info: ModelInfo) -> ModelError:
     hint = f" {info.download_note}" if info.download_note else ""
@@ -118,10 +104,19 @@ class ModelStore:
 
     # ------------------------------------------------------------------ files
     def path(self, name: str) -> Path:
-        """Where the model's file lives: its own folder, named after the model."""
+        """Where the model's file lives: its own folder, named after the model, inside the models folder.
+
+        Checked after resolving links too, before anything is downloaded, verified or removed there.
+        """
         info = self.info(name)
-        filename = _check_safe("file name", info.filename or f"{name}.pth", name)
-        return self.models_dir / _check_safe("name", name, name) / filename
+        filename = check_safe_name("file name", info.filename or f"{name}.pth", name)
+        path = self.models_dir / check_safe_name("name", name, name) / filename
+        if not path.resolve().is_relative_to(self.models_dir.resolve()):
+            raise ModelError(
+                f"The file of '{name}' would live outside the models folder ({path.resolve()}): a link there "
+                "points elsewhere; remove the link."
+            )
+        return path
 
     def state(self, name: str, deep: bool = False) -> FileState:
         """Whether the model's file is this entry's file; ``deep`` hashes it even when it looks unchanged."""
@@ -244,7 +239,7 @@ class ModelStore:
         if arch is not None:
             if name in catalog:
                 raise ModelError(f"'{name}' is a catalog model; give the custom checkpoint another name.")
-            _check_safe("name", name, name)
+            check_safe_name("name", name, name)
             base = get_model_info(arch)
             if not base.needs_weights:
                 raise ModelError(f"'{arch}' has no weights; give a SAM model's name as --arch, e.g. sam_vit_b.")
@@ -275,11 +270,15 @@ class ModelStore:
         return state.ready, state.message
 
     def remove(self, name: str) -> bool:
-        """Delete a model's file (and partial download). Returns whether anything was removed."""
+        """Delete a model's file (and partial download), only if the store wrote it. Returns whether it removed any."""
         path = self.path(name)
+        if path.is_file() and name not in self._read_registry()["files"]:
+            raise ModelError(
+                f"{path} was not put there by MedFM, so it is not removed; delete it yourself if it is not needed."
+            )
         removed = False
         for candidate in (path, path.with_name(path.name + ".part"), path.with_name(path.name + ".lock")):
-            if candidate.exists():
+            if candidate.is_file():
                 removed |= candidate != path.with_name(path.name + ".lock")
                 candidate.unlink()
         if path.parent.is_dir() and not any(path.parent.iterdir()):

@@ -307,7 +307,7 @@ class RemoteSession(SessionObjects):
     # ------------------------------------------------------------ the session
     def _open(self) -> None:
         info = self.connection.check()
-        offered = {m["name"]: m for m in info["models"]}
+        offered = {m.get("name"): m for m in info.get("models", []) if isinstance(m, dict)}
         if self.model not in offered:
             raise ModelError(f"The server does not offer '{self.model}'; it offers {', '.join(offered) or 'nothing'}.")
         meta, blob = encode_array(self.volume.array, self.connection.codec)

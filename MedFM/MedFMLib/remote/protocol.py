@@ -95,16 +95,8 @@ def decompress_into(data, codec: str, out: memoryview) -> None:
                     filled += count
                 beyond = reader.read(1)
         elif codec == "zlib":
-            inflater, filled, source = zlib.decompressobj(), 0, memoryview(data)
-            while filled < size:
-                piece = inflater.decompress(source, min(_PIECE_BYTES, size - filled))
-                source = inflater.unconsumed_tail
-                if not piece:
-                    break
-                out[filled : filled + len(piece)] = piece
-                filled += len(piece)
-            # One more byte, from what is left or from output zlib still holds: there must be none.
-            beyond = inflater.decompress(inflater.unconsumed_tail, 1)
+            filled = _inflate_into(data, out)
+            beyond = filled > size
         else:
             raise ProtocolError(f"Unknown codec '{codec}'; use one of {', '.join(available_codecs())}.")
     except ProtocolError:
@@ -115,6 +107,33 @@ def decompress_into(data, codec: str, out: memoryview) -> None:
         raise ProtocolError(f"Compressed data holds less than the {size} bytes declared.")
     if beyond:
         raise ProtocolError(f"Compressed data holds more than the {size} bytes declared.")
+
+
+def _inflate_into(data, out: memoryview) -> int:
+    """zlib into ``out``; returns the bytes the payload holds, stopping at ``len(out) + 1`` (a bomb)."""
+    inflater, filled, size = zlib.decompressobj(), 0, len(out)
+
+    def take(pending) -> bytes:
+        nonlocal filled
+        # max_length is never 0 (that would mean "no limit"); one byte past the end is enough to tell.
+        piece = inflater.decompress(pending, min(_PIECE_BYTES, size - filled + 1))
+        if filled + len(piece) <= size:
+            out[filled : filled + len(piece)] = piece
+        filled += len(piece)
+        return piece
+
+    source = memoryview(data).cast("B")
+    # Input goes in 1 MiB at a time: zlib keeps what it could not use yet as a copy (unconsumed_tail).
+    for start in range(0, len(source), 2**20):
+        pending = source[start : start + 2**20]
+        while filled <= size:
+            take(pending)
+            pending = inflater.unconsumed_tail
+            if not pending:
+                break
+    while filled <= size and take(b""):  # output zlib still holds
+        pass
+    return filled
 
 
 def decompress(data, codec: str, size: int) -> bytes:

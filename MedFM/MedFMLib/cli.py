@@ -97,14 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--checkpoint")
     bench.add_argument("--random-weights", action="store_true", help="full-size network with random weights")
     bench.add_argument("--device", default="auto")
-    bench.add_argument("--size", type=int, default=512, help="slice size in pixels (default 512)")
+    bench.add_argument("--size", type=int, help="slice size in pixels (default 512; 128 with --clients)")
     bench.add_argument("--first-clicks", type=int, default=3, help="first clicks to time (each encodes a slice)")
     bench.add_argument("--clicks", type=int, default=20, help="further clicks to time")
     bench.add_argument("--background", action="store_true", help="also measure encoding on the effect's worker thread")
     bench.add_argument(
         "--propagate", action="store_true", help="measure propagation per slice, uncached and cached, instead"
     )
-    bench.add_argument("--slices", type=int, default=100, help="--propagate, --server: volume depth (default 100)")
+    bench.add_argument("--slices", type=int, help="--propagate, --server: depth (default 100; 24 with --clients)")
+    bench.add_argument("--clients", type=int, help="--server: this many users at once (latency and errors under load)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     _add_server_options(bench, "compare clicks through this MedFM server with the same clicks in-process")
 
@@ -388,8 +389,20 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.clicks import format_report, run_benchmark
 
+    args.size = args.size or (128 if args.clients else 512)
+    args.slices = args.slices or (24 if args.clients else 100)
     if args.size < 16 or args.first_clicks < 1 or args.clicks < 1 or args.slices < 2:
         raise MedFMError("--size must be at least 16, --slices at least 2, and --first-clicks and --clicks at least 1.")
+    if args.clients is not None:
+        if not args.server or args.clients < 1:
+            raise MedFMError("--clients needs --server and at least one client, e.g. --server URL --clients 20.")
+        from .bench.load import format_load_report, run_load_benchmark
+
+        token, ca_cert = server_credentials(args)
+        result = run_load_benchmark(args.server, token, args.clients, args.model, clicks=args.clicks, size=args.size,
+                                    slices=args.slices, ca_cert=ca_cert)  # fmt: skip
+        print(json.dumps(result) if args.json else format_load_report(result))
+        return 1 if result["errors"] else 0
     if args.server:
         from .bench.remote import format_remote_report, run_remote_benchmark
 

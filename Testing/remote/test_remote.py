@@ -429,3 +429,15 @@ def test_the_remote_benchmark_compares_clicks_and_counts_bytes(server):
     assert figures["remote_click_ms_p50"] > 0 and figures["local_click_ms_p50"] > 0
     assert 100 < figures["bytes_sent_per_click_p50"] < 2000  # a prompt, not an image
     assert figures["upload_mb"] < figures["volume_mb"]  # compressed
+
+
+def test_the_load_benchmark_runs_clients_at_once_and_counts_errors(server):
+    result = run_medfm("bench", "--server", server.url, "--clients", "4", "--clicks", "6", "--size", "48",
+                       "--slices", "8", "--json", env={"MEDFM_TOKEN": SERVER_TOKEN})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert (figures["clients"], figures["served"], figures["errors"]) == (4, 4, 0)
+    assert 0 < figures["click_ms_p50"] <= figures["click_ms_p95"]
+    assert figures["sessions_after"] == figures["sessions_before"]
+    alone = run_medfm("bench", "--clients", "2", env={"MEDFM_TOKEN": SERVER_TOKEN})
+    assert alone.returncode == 1 and "--clients needs --server" in alone.stderr

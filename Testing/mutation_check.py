@@ -17,6 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LIB = "MedFM/MedFMLib/"
+SECURITY = "Testing/remote/test_security.py::"
+JOBS = SECURITY + "test_jobs_one_per_session_on_a_bounded_pool_and_calls_never_overlap_them"
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,29 @@ MUTANTS = [
     Mutant("server-retry-by-seq-removed", LIB + "remote/server/app.py",
            "if sequence is not None and sequence == served.last_sequence and served.last_reply is not None:",
            "if False:", ("Testing/remote/test_server.py",)),
+    # Issue 13: what a hostile client, catalog or server could do.
+    Mutant("array-size-in-int64", LIB + "remote/protocol.py", "    count = math.prod(shape)\n",
+           "    count = int(np.prod(np.array(shape, dtype=np.int64)))\n", ("Testing/remote/test_protocol.py",)),
+    Mutant("admission-reserves-nothing", LIB + "remote/server/sessions.py", "            self._reserved += needed\n",
+           "            pass\n", (SECURITY + "test_forty_concurrent_uploads_never_pass_the_total_limit_together",)),
+    Mutant("jobs-without-limit", LIB + "remote/server/sessions.py",
+           "        if self.busy:\n            raise LimitReached(", "        if False:\n            raise LimitReached(",
+           (JOBS,)),
+    Mutant("calls-overlap-jobs", LIB + "remote/server/app.py", "        if served.busy:  # its job holds",
+           "        if False:  #", (JOBS,)),
+    Mutant("no-request-head-deadline", LIB + "remote/server/guard.py",
+           '            self._deadline = self.loop.call_later(self.header_seconds, self._drop, "slow")',
+           "            self._deadline = None",
+           (SECURITY + "test_hundreds_of_silent_or_dribbling_connections_do_not_lock_out_real_clients",)),
+    Mutant("whole-session-ids-logged", LIB + "remote/server/guard.py", '    return _SESSION_ID.sub(r"\\1\\2…", path)',
+           "    return path", (SECURITY + "test_logs_hold_short_session_ids_and_an_audit_trail",)),
+    Mutant("plain-http-catalog-allowed", LIB + "models/catalog.py",
+           '    if url.startswith("http://") and pinned is None:', "    if False:", ("Testing/models",)),
+    Mutant("remove-deletes-any-file", LIB + "models/store.py",
+           '        if path.is_file() and name not in self._read_registry()["files"]:', "        if False:",
+           ("Testing/models",)),
+    Mutant("client-reply-unbounded", LIB + "remote/client.py", "max_bytes=(self.volume.array.size + 7) // 8)",
+           "max_bytes=2**62)", (SECURITY + "test_a_server_that_sends_a_bomb_back_cannot_fill_the_clients_memory",)),
     Mutant("client-replay-skips-propagations", LIB + "remote/client.py",
            '            if method == "apply_plan":\n                planned',
            '            if method == "apply_plan":\n                continue\n                planned',

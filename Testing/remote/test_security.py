@@ -169,10 +169,12 @@ def test_hundreds_of_silent_or_dribbling_connections_do_not_lock_out_real_client
         stop.set()
         closed = 0
         for sock in hostile:
-            sock.settimeout(2.0)
+            sock.settimeout(0.5)
             try:
                 closed += sock.recv(1) == b""
-            except OSError:
+            except TimeoutError:
+                pass  # still open: the server is waiting on it
+            except ConnectionResetError:
                 closed += 1
         assert closed == len(hostile)
     finally:

@@ -246,6 +246,35 @@ class ServerProcess:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
 
 
+def server_request(server, method: str, path: str, body=None, headers: dict | None = None, token=SERVER_TOKEN):
+    """One plain HTTP request to a test server, on a connection of its own: (status, JSON or bytes)."""
+    import http.client
+    import json
+
+    from MedFMLib.remote.protocol import PROTOCOL_VERSION
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    sent = {"X-MedFM-Protocol": str(PROTOCOL_VERSION), **(headers or {})}
+    if token is not None:
+        sent["Authorization"] = f"Bearer {token}"
+    connection.request(method, path, body=body, headers=sent)
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    try:
+        return response.status, json.loads(data)
+    except ValueError:
+        return response.status, data
+
+
+def upload_frame(array, model: str = "classic", codec: str = "zlib", **header) -> bytes:
+    """A volume upload as a MedFM client sends it (identity geometry), with any extra header fields."""
+    from MedFMLib.remote.protocol import encode_array, pack_frame
+
+    meta, blob = encode_array(array, codec)
+    return pack_frame({"model": model, "ijk_to_ras": np.eye(4).tolist(), "array": meta, **header}, [blob])
+
+
 def _free_port() -> int:
     import socket
 

@@ -16,9 +16,10 @@ import zlib
 import numpy as np
 import pytest
 
-from conftest import SERVER_TOKEN, sphere_volume
+from conftest import SERVER_TOKEN, sphere_volume, upload_frame
+from conftest import server_request as request
 from MedFMLib.remote.client import RemoteSession, ServerConnection
-from MedFMLib.remote.protocol import PROTOCOL_VERSION, encode_array, pack_frame
+from MedFMLib.remote.protocol import PROTOCOL_VERSION, pack_frame
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's /proc entry (Linux)")
 
@@ -31,28 +32,8 @@ def proc_status(server, field: str) -> int:
     raise KeyError(field)
 
 
-def request(server, method: str, path: str, body: bytes | None = None, token: str = SERVER_TOKEN):
-    import http.client
-
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    headers = {"Authorization": f"Bearer {token}", "X-MedFM-Protocol": str(PROTOCOL_VERSION)}
-    connection.request(method, path, body=body, headers=headers)
-    response = connection.getresponse()
-    data = response.read()
-    connection.close()
-    try:
-        return response.status, json.loads(data)
-    except ValueError:
-        return response.status, data
-
-
-def upload(array: np.ndarray, codec: str = "zlib", model: str = "classic") -> bytes:
-    meta, blob = encode_array(array, codec)
-    return pack_frame({"model": model, "ijk_to_ras": np.eye(4).tolist(), "array": meta}, [blob])
-
-
 def session_of(server, shape=(8, 32, 32)) -> str:
-    status, reply = request(server, "POST", "/v1/sessions", upload(np.zeros(shape, np.int16)))
+    status, reply = request(server, "POST", "/v1/sessions", upload_frame(np.zeros(shape, np.int16)))
     assert status == 200, reply
     return reply["session"]
 
@@ -254,7 +235,7 @@ def test_finished_jobs_nobody_collects_are_forgotten():
 # ------------------------------------------------------------------ 5. memory
 def test_forty_concurrent_uploads_never_pass_the_total_limit_together(start_server):
     server = start_server(["--max-total-mb", "200", "--max-session-mb", "100", "--cache-mb", "16"])
-    frame = upload(np.random.default_rng(0).integers(0, 1000, (80, 256, 256), dtype=np.int16))  # 10 MiB
+    frame = upload_frame(np.random.default_rng(0).integers(0, 1000, (80, 256, 256), dtype=np.int16))  # 10 MiB
     needed = 10 + 5 + 16  # the volume, a first mask, room for the cache (MiB)
     results = []
     barrier = threading.Barrier(40)
@@ -320,7 +301,7 @@ def test_a_large_upload_is_streamed_not_buffered_whole(start_server):
     limits = ["--max-upload-mb", "300", "--max-session-mb", "600", "--max-total-mb", "1200", "--cache-mb", "64"]
     server = start_server(limits)
     volume = np.random.default_rng(1).integers(-3000, 3000, (64, 1024, 1024), dtype=np.int16)  # 128 MiB
-    frame = upload(volume)
+    frame = upload_frame(volume)
     before = proc_status(server, "VmRSS")
     status, reply = request(server, "POST", "/v1/sessions", frame)
     assert status == 200, reply

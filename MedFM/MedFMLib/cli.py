@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument(
         "--box",
         metavar="R1,A1,S1,R2,A2,S2",
-        help="box: two opposite corners; on one slice a 2D box, on different slices a 3D box segmented slice by slice",
+        action="append",
+        default=[],
+        help="box: two opposite corners; on one slice a 2D box, on different slices a 3D box segmented slice by "
+        "slice; repeat it for a box on each of several slices",
     )
     segment.add_argument(
         "--propagate",
@@ -173,8 +176,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     output_kind(args.out)  # fail on a bad output name before any slow work
     points = [parse_ras(p) for p in args.point]
     negatives = [parse_ras(p) for p in args.negative]
-    box = parse_ras(args.box, count=6) if args.box else None
-    if not points and box is None:
+    boxes = [parse_ras(text, count=6) for text in args.box]
+    if not points and not boxes:
         raise MedFMError("Give at least one --point or a --box to segment.")
     volume = read_volume(args.input)
     window = None
@@ -198,11 +201,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     options = PropagationOptions()
     if args.min_score is not None:
         options = replace(options, criteria=replace(options.criteria, min_score=args.min_score))
-    if box is not None and spans_slices(volume, box[:3], box[3:], args.view):
-        session.set_roi(object_id, [box[:3], box[3:]], view=args.view, options=options)
+    three_d = [box for box in boxes if spans_slices(volume, box[:3], box[3:], args.view)]
+    if three_d and len(boxes) > 1:
+        raise MedFMError("A 3D box (corners on different slices) goes alone; give several boxes each on one slice.")
+    if three_d:
+        session.set_roi(object_id, [three_d[0][:3], three_d[0][3:]], view=args.view, options=options)
         report_propagation(session, object_id)
-    elif box is not None:
-        session.set_box(object_id, box[:3], box[3:], view=args.view)
+    for index, box in enumerate([] if three_d else boxes):
+        session.set_box(object_id, box[:3], box[3:], view=args.view, keep_other_slices=index > 0)
     for point in points:
         session.add_point(object_id, point, positive=True, view=args.view)
     for point in negatives:
@@ -270,6 +276,8 @@ class ProgressBar:
         self.shown = False
 
     def __call__(self, progress) -> None:
+        if not self.stream.isatty():  # a log file gets no carriage-return animation
+            return
         mib = progress.bytes_done / 2**20
         rate = progress.bytes_per_second / 2**20
         if progress.bytes_total:
@@ -280,9 +288,18 @@ class ProgressBar:
             text = f"\rdownloading {mib:8.1f} MiB {rate:6.1f} MiB/s"
         self.stream.write(text)
         self.stream.flush()
-        self.shown = True
+        self.shown = _UNFINISHED_LINE[0] = True
         if progress.bytes_total and progress.bytes_done >= progress.bytes_total:
             self.stream.write("\n")
+            _UNFINISHED_LINE[0] = False
+
+
+#: whether a progress bar left its line open: an error must start on a line of its own
+_UNFINISHED_LINE = [False]
+
+
+def _error(text: str) -> None:
+    print(("\n" if _UNFINISHED_LINE[0] else "") + f"medfm: error: {text}", file=sys.stderr)
 
 
 def human_size(size_bytes: int) -> str:
@@ -535,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except MedFMError as exc:
-        print(f"medfm: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 1
     except KeyboardInterrupt:
         print("medfm: interrupted", file=sys.stderr)
@@ -543,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the user must never see a traceback
         if os.environ.get("MEDFM_DEBUG"):
             raise
-        print(f"medfm: error: {_describe_unexpected(exc)}", file=sys.stderr)
+        _error(_describe_unexpected(exc))
         return 1
 
 

@@ -185,7 +185,7 @@ def test_catalog_entries_have_valid_download_fields():
             continue
         assert info.filename, name
         assert info.url is None or info.url.startswith("https://"), name
-        assert info.url or info.download_note, name
+        assert info.url or info.package or info.download_note, name
         assert info.sha256 is None or len(info.sha256) == 64, name
         assert info.sha256 or info.sha256_note, name  # never an invented checksum, but say so
         assert info.license and info.citation, name

@@ -38,11 +38,47 @@ class SamArchitecture:
     decoder_num_heads: int = 8
     iou_head_hidden_dim: int = 256
 
+    @property
+    def embedding_size(self) -> int:
+        return self.image_size // self.patch_size
 
-SAM_ARCHITECTURES: dict[str, SamArchitecture] = {
+
+@dataclass(frozen=True)
+class TinyVitArchitecture:
+    """Hyper-parameters of a TinyViT image encoder for SAM."""
+
+    image_size: int
+    #: the patch embedding's kernel: 3 (stride 2, twice: 1024 -> 256) or 1 (stride 1: 256 -> 256)
+    patch_kernel: int = 3
+    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (2, 4, 5, 10)
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    mlp_ratio: float = 4.0
+    mbconv_expand_ratio: float = 4.0
+    prompt_embed_dim: int = 256
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    iou_head_hidden_dim: int = 256
+
+    @property
+    def grid(self) -> int:
+        """The token grid after the patch embedding."""
+        return self.image_size // 4 if self.patch_kernel == 3 else self.image_size
+
+    @property
+    def embedding_size(self) -> int:
+        """The encoder's output grid: a quarter of the token grid (stages 2 and 3 run on it)."""
+        return self.grid // 4
+
+
+SAM_ARCHITECTURES: dict[str, SamArchitecture | TinyVitArchitecture] = {
     "vit_b": SamArchitecture(768, 12, 12, (2, 5, 8, 11)),
     "vit_l": SamArchitecture(1024, 24, 16, (5, 11, 17, 23)),
     "vit_h": SamArchitecture(1280, 32, 16, (7, 15, 23, 31)),
+    # TinyViT-5M encoders: MobileSAM at 1024 (3x3 stride-2 patch embedding), LiteMedSAM at 256 (1x1 stride 1).
+    "tiny_vit_1024": TinyVitArchitecture(image_size=1024, patch_kernel=3),
+    "tiny_vit_256": TinyVitArchitecture(image_size=256, patch_kernel=1),
 }
 
 
@@ -58,7 +94,7 @@ def get_architecture(name: str) -> SamArchitecture:
         raise ModelError(f"Unknown SAM architecture '{name}': known are {', '.join(SAM_ARCHITECTURES)}.") from None
 
 
-def build_sam_model(architecture: SamArchitecture):
+def build_sam_model(architecture: SamArchitecture | TinyVitArchitecture):
     """A SAM model with freshly initialised (random) weights, in eval mode."""
     from functools import partial
 
@@ -66,9 +102,12 @@ def build_sam_model(architecture: SamArchitecture):
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     arch = architecture
-    embedding_size = arch.image_size // arch.patch_size
-    model = Sam(
-        image_encoder=ImageEncoderViT(
+    if isinstance(arch, TinyVitArchitecture):
+        from .tinyvit import TinyViT
+
+        image_encoder = TinyViT(arch)
+    else:
+        image_encoder = ImageEncoderViT(
             depth=arch.encoder_depth,
             embed_dim=arch.encoder_embed_dim,
             img_size=arch.image_size,
@@ -81,7 +120,10 @@ def build_sam_model(architecture: SamArchitecture):
             global_attn_indexes=arch.encoder_global_attn_indexes,
             window_size=arch.window_size,
             out_chans=arch.prompt_embed_dim,
-        ),
+        )
+    embedding_size = arch.embedding_size
+    model = Sam(
+        image_encoder=image_encoder,
         prompt_encoder=PromptEncoder(
             embed_dim=arch.prompt_embed_dim,
             image_embedding_size=(embedding_size, embedding_size),
@@ -135,11 +177,17 @@ def read_state_dict(path: str | Path) -> dict:
 def _guess_architecture(state_dict: dict) -> str:
     if any(key.startswith("image_encoder.trunk.") for key in state_dict):
         return "a SAM 2 checkpoint"
+    patch = state_dict.get("image_encoder.patch_embed.seq.0.c.weight")
+    if patch is not None:
+        which = "MobileSAM's, 1024 input" if patch.shape[-1] == 3 else "LiteMedSAM's, 256 input"
+        return f"a TinyViT checkpoint ({which})"
     weight = state_dict.get("image_encoder.patch_embed.proj.weight")
     if weight is None:
         return "not a SAM checkpoint"
     depth = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
     for name, arch in SAM_ARCHITECTURES.items():
+        if not isinstance(arch, SamArchitecture):
+            continue
         if arch.encoder_embed_dim == weight.shape[0] and arch.encoder_depth == depth:
             return f"a SAM {name} checkpoint"
     return f"a SAM checkpoint with embedding width {weight.shape[0]}"
@@ -205,8 +253,18 @@ class TorchEngine(Engine):
         return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
 
 
+PREPROCESSING = ("sam", "medsam", "litemedsam")
+
+
 class SamEngine(TorchEngine):
-    """A SAM-family model: ``preprocessing`` is "sam" (ViT-B/L/H) or "medsam"."""
+    """A SAM-family model; ``preprocessing`` is how its images were prepared in training:
+
+    - "sam" (SAM ViT-B/L/H, MobileSAM): longest side resized to the input, pixel mean and std of 0-255
+      images, zero padding to a square;
+    - "medsam": a plain resize to the square input, values in [0, 1];
+    - "litemedsam": longest side resized to the input, the slice stretched to [0, 1] by its own minimum
+      and maximum, zero padding to a square.
+    """
 
     def __init__(
         self,
@@ -217,7 +275,7 @@ class SamEngine(TorchEngine):
         weights_id: str = "",
         prompt_types: tuple[str, ...] = ("point", "box"),
     ) -> None:
-        if preprocessing not in ("sam", "medsam"):
+        if preprocessing not in PREPROCESSING:
             raise ValueError(f"unknown preprocessing {preprocessing!r}")
         super().__init__(model, model_name, device, weights_id, prompt_types)
         self.preprocessing = preprocessing
@@ -239,12 +297,18 @@ class SamEngine(TorchEngine):
         rows, cols = image.shape
         size = self.image_size
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-        if self.preprocessing == "sam":
+        if self.preprocessing in ("sam", "litemedsam"):
             scale = size / max(rows, cols)
             input_size = (int(rows * scale + 0.5), int(cols * scale + 0.5))
             x = F.interpolate(x, input_size, mode="bilinear", align_corners=False, antialias=True)
-            x = x.expand(1, 3, *input_size).to(self.device) * 255.0
-            x = self.model.preprocess(x)  # pixel mean/std, zero padding to a square
+            if self.preprocessing == "sam":
+                x = x.expand(1, 3, *input_size).to(self.device) * 255.0
+                x = self.model.preprocess(x)  # pixel mean/std, zero padding to a square
+            else:
+                low, high = x.min(), x.max()
+                x = (x - low) / torch.clamp(high - low, min=1e-8)
+                x = F.pad(x, (0, size - input_size[1], 0, size - input_size[0])).expand(1, 3, size, size)
+                x = x.to(self.device)
         else:
             # MedSAM: a plain resize to the square input, values in [0, 1], no mean/std.
             input_size = (size, size)
@@ -315,7 +379,7 @@ class SamEngine(TorchEngine):
             best = int(torch.argmax(iou[0])) if multimask else 0
             chosen = low_res[:, best : best + 1]
             # Upsample only the chosen mask: the other two would cost as much again.
-            if self.preprocessing == "sam":
+            if self.preprocessing != "medsam":  # the padded square, cropped to the image, then resized
                 logits = self.model.postprocess_masks(chosen, (input_rows, input_cols), (rows, cols))
                 mask = logits[0, 0] > self.model.mask_threshold
             else:

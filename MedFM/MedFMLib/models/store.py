@@ -28,6 +28,7 @@ from ..errors import ModelError
 from ..home import default_home
 from .catalog import ModelInfo, check_safe_name, get_model_info, load_catalog
 from .download import ProgressCallback, download, file_lock, sha256_of
+from .packages import extract_from_package
 
 REGISTRY_NAME = "registry.json"
 
@@ -139,18 +140,18 @@ class ModelStore:
                     f"the file of '{name}' was placed by hand and there is no checksum to compare it with; "
                     f"import it with `medfm models import FILE --name {name}`",
                 )  # fmt: skip
-            return self._check(name, path, published, info.url, "published")
+            return self._check(name, path, published, info.source, "published")
         if published is not None and record["sha256"] != published:
             return FileState(
                 False, "mismatch",
                 f"the stored file of '{name}' is not the one its catalog entry publishes (SHA-256 "
                 f"{record['sha256'][:12]}…, expected {published[:12]}…); run `medfm models download {name}`",
             )  # fmt: skip
-        if published is None and record.get("source") != info.url:
+        if published is None and record.get("source") != info.source:
             return FileState(
                 False, "stale",
                 f"the file of '{name}' came from {record.get('source') or 'an import'}, but its catalog entry now "
-                f"names {info.url or 'no address'}; download or import it again",
+                f"names {info.source or 'no address'}; download or import it again",
             )  # fmt: skip
         how = "published" if published else "recorded on arrival"
         stat = path.stat()
@@ -180,7 +181,7 @@ class ModelStore:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(legacy, path)
-        self._record(name, path, expected, info.url)
+        self._record(name, path, expected, info.source)
 
     def is_ready(self, name: str) -> bool:
         """Whether the model can run: no weights needed, or its file verified for this entry."""
@@ -194,9 +195,9 @@ class ModelStore:
         state = self.state(name)
         if state.ready:
             return self.path(name)
-        if not info.url and state.label == "not downloaded":
+        if not info.can_download and state.label == "not downloaded":
             raise _no_address(info)
-        if fetch and info.url:
+        if fetch and info.can_download:
             return self.download(name, progress)
         raise ModelError(f"Cannot use model '{name}': {state.message}.")
 
@@ -205,16 +206,19 @@ class ModelStore:
         info = self.info(name)
         if not info.needs_weights:
             raise ModelError(f"Model '{name}' has no weights to download.")
-        if not info.url:
+        if not info.can_download:
             raise _no_address(info)
         path = self.path(name)
         with file_lock(path.with_name(path.name + ".lock")):
             if self.state(name).ready:
                 return path  # already here, or another process finished it while we waited
             path.unlink(missing_ok=True)
-            download(info.url, path, sha256=info.sha256, expected_size=info.size, progress=progress, lock=False)
-            # download() has already checked a published hash; hash again only when there was none.
-            self._record(name, path, info.sha256.lower() if info.sha256 else sha256_of(path), info.url)
+            if info.package:
+                extract_from_package(info.package, path, info.sha256, info.size, progress)
+            else:
+                download(info.url, path, sha256=info.sha256, expected_size=info.size, progress=progress, lock=False)
+            # Both have already checked a published hash; hash again only when there was none.
+            self._record(name, path, info.sha256.lower() if info.sha256 else sha256_of(path), info.source)
         return path
 
     def _record(self, name: str, path: Path, digest: str, source: str | None, custom: dict | None = None) -> None:
@@ -261,7 +265,7 @@ class ModelStore:
         temporary = destination.with_name(destination.name + ".part")
         shutil.copyfile(source, temporary)
         os.replace(temporary, destination)
-        self._record(name, destination, actual, info.url if info is not None else None, custom=custom)
+        self._record(name, destination, actual, info.source if info is not None else None, custom=custom)
         return destination
 
     def verify(self, name: str) -> tuple[bool, str]:

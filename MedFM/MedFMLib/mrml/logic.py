@@ -147,23 +147,29 @@ class SegmentationLogic:
         """Segment the slice the prompts are on, in the given view, into a segment; returns its ID.
 
         Positive and negative points come from markups point lists, the box
-        from a markups ROI. Only the prompted slices of the segment change; the
-        Segment Editor node's masking and overwrite settings apply when given.
-        On any error the segmentation is left as it was.
+        from a markups ROI, or a box on each of several slices from a list of
+        ROIs. Only the prompted slices of the segment change; the Segment
+        Editor node's masking and overwrite settings apply when given. On any
+        error the segmentation is left as it was.
         """
         from .prompt_sync import PromptSync
 
         volume = volume_from_node(volumeNode)
         if segmentationNode is None:
             raise PromptError("No segmentation selected: choose or create one to write into.")
-        if not any(n is not None and n.GetNumberOfDefinedControlPoints() for n in (positivePointsNode, roiNode)):
+        rois = [n for n in (roiNode if isinstance(roiNode, (list, tuple)) else [roiNode]) if n is not None]
+        rois = [n for n in rois if n.GetNumberOfDefinedControlPoints()]
+        if not rois and not (positivePointsNode is not None and positivePointsNode.GetNumberOfDefinedControlPoints()):
             raise PromptError("Place at least one positive point or a box to segment.")
         session = self.createSession(volume, modelName, device, self.intensityWindow(volumeNode, intensity))
         try:
             objectId = session.add_object(segmentName)
             sync = PromptSync(session, objectId, default_view=view)
-            if roiNode is not None and roiNode.GetNumberOfDefinedControlPoints():
-                sync.sync_box(roiNode, view)
+            if len(rois) == 1:
+                sync.sync_box(rois[0], view)
+            for roi in rois if len(rois) > 1 else []:
+                corner_a, corner_b, axis = sync.box_of_roi(roi, view)
+                session.set_box(objectId, corner_a, corner_b, view=axis, keep_other_slices=True)
             _, rejected = sync.sync(positivePointsNode, negativePointsNode)
             if rejected:
                 raise PromptError(rejected[0].message)

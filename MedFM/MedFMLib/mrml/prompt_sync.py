@@ -93,19 +93,23 @@ class PromptSync:
                 self._box = None
                 return self.session.remove_prompt(self.object_id, prompt_id)
             return None
-        corners = roi_corners(roi_node)
-        signature = tuple(np.round(corners, 4).ravel())
+        signature = tuple(np.round(roi_corners(roi_node), 4).ravel())
         if self._box is not None and self._box[1] == signature:
             return None
-        volume = self.session.volume
-        axis = resolve_axis(volume.ijk_to_ras, view if view is not None else self.default_view)
-        centre = volume.ras_to_ijk_points(corners.mean(axis=0, keepdims=True))[0]
-        index = int(np.clip(np.rint(centre[axis]), 0, volume.dimensions[axis] - 1))
-        corner_a, corner_b = roi_box_on_slice(volume, roi_node, axis, index)
+        corner_a, corner_b, axis = self.box_of_roi(roi_node, view)
         update = self.session.set_box(self.object_id, corner_a, corner_b, view=axis)
         box = next(p for p in self.session.prompts(self.object_id) if isinstance(p, BoxPrompt))
         self._box = (box.id, signature)
         return update
+
+    def box_of_roi(self, roi_node, view: ViewLike | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """The ROI's box on the slice through its centre in the view: (corner_a, corner_b, IJK axis)."""
+        volume = self.session.volume
+        axis = resolve_axis(volume.ijk_to_ras, view if view is not None else self.default_view)
+        centre = volume.ras_to_ijk_points(roi_corners(roi_node).mean(axis=0, keepdims=True))[0]
+        index = int(np.clip(np.rint(centre[axis]), 0, volume.dimensions[axis] - 1))
+        corner_a, corner_b = roi_box_on_slice(volume, roi_node, axis, index)
+        return corner_a, corner_b, axis
 
     def rebuild(self, positive_node, negative_node, roi_node=None) -> None:
         """Redraw the markups from the session's prompts (after the session's own undo or redo)."""

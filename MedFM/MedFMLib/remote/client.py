@@ -458,9 +458,10 @@ class RemoteSession(SessionObjects):
         args = {"object_id": int(object_id), "ras": _ras_list(ras), "positive": bool(positive)}
         return self._single(self._call("add_point", dict(args, view=_view_value(view))))
 
-    def set_box(self, object_id: int, corner_a, corner_b, view: ViewLike = "axial") -> SliceUpdate:
+    def set_box(self, object_id: int, corner_a, corner_b, view: ViewLike = "axial", keep_other_slices=False):
         args = {"object_id": int(object_id), "corner_a": _ras_list(corner_a), "corner_b": _ras_list(corner_b)}
-        return self._single(self._call("set_box", dict(args, view=_view_value(view))))
+        args.update(view=_view_value(view), keep_other_slices=bool(keep_other_slices))
+        return self._single(self._call("set_box", args))
 
     def move_prompt(self, object_id: int, prompt_id: int, ras: Sequence[float]) -> list[SliceUpdate]:
         args = {"object_id": int(object_id), "prompt_id": int(prompt_id), "ras": _ras_list(ras)}

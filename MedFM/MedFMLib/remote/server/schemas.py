@@ -74,6 +74,7 @@ class SetBox(ObjectArgs):
     corner_a: Ras
     corner_b: Ras
     view: View = "axial"
+    keep_other_slices: bool = False
 
 
 class MovePrompt(ObjectArgs):

@@ -22,6 +22,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 DEVICES = ["auto", "cuda", "mps", "cpu"]
+RUNTIMES = ["auto", "torch", "openvino"]
 INTENSITIES = ["viewer", "auto", "soft_tissue", "lung", "bone", "brain"]
 SETTINGS_PREFIX = "MedFM/"
 
@@ -91,6 +92,7 @@ class MedFMParameterNode:
     modelName: str = "classic"
     device: str = "auto"
     intensity: str = "viewer"
+    runtime: str = "auto"
 
 
 #
@@ -114,6 +116,8 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = MedFMLogic()  # configures the store from the settings
 
         self.ui.deviceSelector.addItems(DEVICES)
+        self.ui.runtimeSelector.addItems(RUNTIMES)
+        self.ui.fastCheckBox.checked = settingsValue("fast") == "true"
         self.ui.intensitySelector.addItems(INTENSITIES)
         self.ui.modelsFolderLineEdit.currentPath = str(self.logic.store.home)
         self.ui.catalogLineEdit.text = settingsValue("catalog")
@@ -125,6 +129,8 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelSelector.currentTextChanged.connect(self.onModelChanged)
         self.ui.deviceSelector.currentTextChanged.connect(lambda value: self.onChoiceChanged("device", value))
         self.ui.intensitySelector.currentTextChanged.connect(lambda value: self.onChoiceChanged("intensity", value))
+        self.ui.runtimeSelector.currentTextChanged.connect(self.onRuntimeChanged)
+        self.ui.fastCheckBox.toggled.connect(self.onFastToggled)
         self.ui.downloadModelButton.clicked.connect(self.onDownloadModel)
         self.ui.importModelButton.clicked.connect(self.onImportModel)
         self.ui.removeModelButton.clicked.connect(self.onRemoveModel)
@@ -149,10 +155,11 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self):
         self._parameterNode = self.logic.getParameterNode()
-        for key in ("modelName", "device", "intensity"):
+        for key in ("modelName", "device", "intensity", "runtime"):
             setattr(self._parameterNode, key, settingsValue(key, getattr(self._parameterNode, key)))
         self.ui.modelSelector.currentText = self._parameterNode.modelName
         self.ui.deviceSelector.currentText = self._parameterNode.device
+        self.ui.runtimeSelector.currentText = self._parameterNode.runtime
         self.ui.intensitySelector.currentText = self._parameterNode.intensity
         self.updateModelStatus()
 
@@ -196,6 +203,18 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelChanged(self, name):
         self.onChoiceChanged("modelName", name)
         self.updateModelStatus()
+
+    def onRuntimeChanged(self, runtime):
+        """OpenVINO is installed only after asking; declined, the runtime goes back to auto."""
+        if runtime == "openvino" and not self.logic.ensureDependencies("openvino"):
+            self.ui.runtimeSelector.currentText = "auto"
+            return
+        self.onChoiceChanged("runtime", runtime)
+        self.logic.applyRuntimeSettings()
+
+    def onFastToggled(self, checked):
+        setSettingsValue("fast", "true" if checked else "false")
+        self.logic.applyRuntimeSettings()
 
     def onChoiceChanged(self, key, value):
         if not value:
@@ -352,6 +371,12 @@ class MedFMLogic(ScriptedLoadableModuleLogic):
         configureStoreFromSettings()
         self._core = SegmentationLogic()
         self.configureServerFromSettings()
+        self.applyRuntimeSettings()
+
+    def applyRuntimeSettings(self):
+        """The runtime and precision chosen in the module, for engines made from now on."""
+        self._core.runtime = settingsValue("runtime", "auto") or "auto"
+        self._core.fast = settingsValue("fast") == "true"
 
     def __getattr__(self, name):
         # Everything MedFMLib's logic offers (segment, engine, downloadModel, ...) is the module's too.
@@ -367,6 +392,7 @@ class MedFMLogic(ScriptedLoadableModuleLogic):
 
         self._core = SegmentationLogic()
         self.configureServerFromSettings()
+        self.applyRuntimeSettings()
 
     def configureServerFromSettings(self):
         """The server chosen in the module, if any (asked on first use, so that Slicer starts without waiting)."""

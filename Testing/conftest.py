@@ -238,6 +238,8 @@ class ServerProcess:
         import sys
 
         command = [sys.executable, "-m", "MedFMLib.cli", "serve", "--port", str(self.port), *self.args]
+        if "--runtime" not in self.args:  # the tests compare with local torch sessions, bit for bit
+            command += ["--runtime", "torch"]
         if self.token is not None:
             token_file = self.home / f"token-{self.port}"
             token_file.write_text(self.token, encoding="utf-8")

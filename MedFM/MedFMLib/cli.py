@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .console import ProgressBar, SliceProgress, error, human_size, note
 from .errors import MedFMError, ModelError
 
 _COORDINATE_OPTIONS = ("--point", "--negative", "--box")
@@ -48,6 +49,17 @@ def _join_negative_coordinates(argv: Sequence[str]) -> list[str]:
     return joined
 
 
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--runtime", default="auto", choices=["auto", "torch", "openvino"],
+        help="what runs a SAM-family encoder: auto (OpenVINO on a CPU when installed), torch, openvino",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fast", action="store_true",
+        help="OpenVINO in bf16 where the CPU has it (avx512_bf16, AMX): faster; masks may shift slightly",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfm", description="Promptable medical image segmentation.")
     parser.add_argument("--version", action="version", version=f"medfm {__version__}")
@@ -58,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--model", default="classic", help="model name (see `medfm models`); default: classic")
     segment.add_argument("--checkpoint", help="checkpoint file of the model")
     segment.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
+    _add_runtime_options(segment)
     segment.add_argument("--view", default="axial", choices=["axial", "coronal", "sagittal"])
     segment.add_argument("--point", action="append", default=[], metavar="R,A,S", help="positive point")
     segment.add_argument("--negative", action="append", default=[], metavar="R,A,S", help="negative point")
@@ -98,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure click latency and memory")
     bench.add_argument("--model", default="classic")
     bench.add_argument("--checkpoint")
+    _add_runtime_options(bench)
+    bench.add_argument("--compare-runtimes", action="store_true", help="first clicks with torch and OpenVINO, "
+                       "side by side, with the speed-up and how far the masks agree")  # fmt: skip
     bench.add_argument("--random-weights", action="store_true", help="full-size network with random weights")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--size", type=int, help="slice size in pixels (default 512; 128 with --clients)")
@@ -122,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", help="TLS private key (PEM)")
     serve.add_argument("--models", help="comma-separated models to offer (default: classic and every downloaded one)")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps")
+    _add_runtime_options(serve)
     serve.add_argument("--random-weights", action="store_true", help="full-size random-weight models (benchmarks)")
     serve.add_argument("--session-ttl", type=float, default=1800.0, help="seconds an idle session lives (default 1800)")
     serve.add_argument("--max-session-mb", type=int, default=4096, help="memory limit of one session (default 4096)")
@@ -195,7 +212,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         session = RemoteSession(connect(args), volume, args.model, window=window)
         engine = session.engine
     else:
-        engine = create_engine(args.model, checkpoint=args.checkpoint, device=args.device, progress=ProgressBar())
+        engine = create_engine(args.model, checkpoint=args.checkpoint, device=args.device, progress=ProgressBar(),
+                               runtime=args.runtime, fast=args.fast, notify=note)  # fmt: skip
         session = Session(volume, engine, window=window)
     object_id = session.add_object(args.name)
     options = PropagationOptions()
@@ -247,67 +265,6 @@ def spans_slices(volume, corner_a, corner_b, view: str) -> bool:
 def report_propagation(session, object_id: int) -> None:
     slices = sum(1 for s in session.objects[object_id].slices.values() if s.mask is not None and s.mask.any())
     print(f"3D box: segmented {slices} slices from its middle slice outwards", file=sys.stderr)
-
-
-class SliceProgress:
-    """Propagation progress on one stderr line."""
-
-    def __init__(self, stream=None) -> None:
-        self.stream = stream or sys.stderr
-
-        self.shown = False
-
-    def __call__(self, done: int, total: int, plane) -> None:
-        if self.stream.isatty():
-            self.stream.write(f"\rpropagating: {done}/{total} slices (at slice {plane.index})")
-            self.stream.flush()
-            self.shown = True
-
-    def finish(self) -> None:
-        if self.shown:
-            self.stream.write("\n")
-
-
-class ProgressBar:
-    """A download progress bar on stderr (bytes, total, rate)."""
-
-    def __init__(self, stream=None) -> None:
-        self.stream = stream or sys.stderr
-        self.shown = False
-
-    def __call__(self, progress) -> None:
-        if not self.stream.isatty():  # a log file gets no carriage-return animation
-            return
-        mib = progress.bytes_done / 2**20
-        rate = progress.bytes_per_second / 2**20
-        if progress.bytes_total:
-            fraction = progress.bytes_done / progress.bytes_total
-            bar = "#" * int(fraction * 30)
-            text = f"\rdownloading [{bar:<30}] {fraction:6.1%} {mib:8.1f} MiB {rate:6.1f} MiB/s"
-        else:
-            text = f"\rdownloading {mib:8.1f} MiB {rate:6.1f} MiB/s"
-        self.stream.write(text)
-        self.stream.flush()
-        self.shown = _UNFINISHED_LINE[0] = True
-        if progress.bytes_total and progress.bytes_done >= progress.bytes_total:
-            self.stream.write("\n")
-            _UNFINISHED_LINE[0] = False
-
-
-#: whether a progress bar left its line open: an error must start on a line of its own
-_UNFINISHED_LINE = [False]
-
-
-def _error(text: str) -> None:
-    print(("\n" if _UNFINISHED_LINE[0] else "") + f"medfm: error: {text}", file=sys.stderr)
-
-
-def human_size(size_bytes: int) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if size_bytes < 1024:
-            return f"{size_bytes:.0f} {unit}" if unit == "B" else f"{size_bytes:.1f} {unit}"
-        size_bytes /= 1024
-    return f"{size_bytes:.2f} GiB"
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -403,69 +360,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.clicks import format_report, run_benchmark
-
-    args.size = args.size or (128 if args.clients else 512)
-    args.slices = args.slices or (24 if args.clients else 100)
-    if args.size < 16 or args.first_clicks < 1 or args.clicks < 1 or args.slices < 2:
-        raise MedFMError("--size must be at least 16, --slices at least 2, and --first-clicks and --clicks at least 1.")
-    if args.clients is not None:
-        if not args.server or args.clients < 1:
-            raise MedFMError("--clients needs --server and at least one client, e.g. --server URL --clients 20.")
-        from .bench.load import format_load_report, run_load_benchmark
-
-        token, ca_cert = server_credentials(args)
-        result = run_load_benchmark(args.server, token, args.clients, args.model, clicks=args.clicks, size=args.size,
-                                    slices=args.slices, ca_cert=ca_cert)  # fmt: skip
-        print(json.dumps(result) if args.json else format_load_report(result))
-        return 1 if result["errors"] else 0
-    if args.server:
-        from .bench.remote import format_remote_report, run_remote_benchmark
-
-        token, ca_cert = server_credentials(args)
-        result = run_remote_benchmark(
-            args.server,
-            token,
-            args.model,
-            device=args.device,
-            random_weights=args.random_weights,
-            checkpoint=args.checkpoint,
-            ca_cert=ca_cert,
-            size=args.size,
-            slices=args.slices,
-            first_clicks=args.first_clicks,
-            clicks=args.clicks,
-        )
-        print(json.dumps(result) if args.json else format_remote_report(result))
-        return 0
-    if args.propagate:
-        from .bench.propagation import format_propagation_report, run_propagation_benchmark
-
-        result = run_propagation_benchmark(
-            args.model,
-            device=args.device,
-            checkpoint=args.checkpoint,
-            random_weights=args.random_weights,
-            size=args.size,
-            slices=args.slices,
-        )
-        print(json.dumps(result) if args.json else format_propagation_report(result))
-        return 0
-    result = run_benchmark(
-        args.model,
-        device=args.device,
-        checkpoint=args.checkpoint,
-        random_weights=args.random_weights,
-        size=args.size,
-        first_clicks=args.first_clicks,
-        further_clicks=args.clicks,
-        background=args.background,
-    )
-    print(json.dumps(result) if args.json else format_report(result))
-    return 0
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from .home import default_home
     from .models.store import ModelStore
@@ -503,6 +397,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token=token,
         models=models,
         device=args.device,
+        runtime=args.runtime,
+        fast=args.fast,
         random_weights=args.random_weights,
         session_ttl_seconds=args.session_ttl,
         max_session_mb=args.max_session_mb,
@@ -545,6 +441,8 @@ def _describe_unexpected(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_join_negative_coordinates(sys.argv[1:] if argv is None else argv))
+    from .bench.command import cmd_bench
+
     handlers = {"segment": cmd_segment, "models": cmd_models, "bench": cmd_bench, "demo": cmd_demo, "serve": cmd_serve}
     if args.command is None:
         parser.print_help()
@@ -552,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except MedFMError as exc:
-        _error(str(exc))
+        error(str(exc))
         return 1
     except KeyboardInterrupt:
         print("medfm: interrupted", file=sys.stderr)
@@ -560,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the user must never see a traceback
         if os.environ.get("MEDFM_DEBUG"):
             raise
-        _error(_describe_unexpected(exc))
+        error(_describe_unexpected(exc))
         return 1
 
 

@@ -186,8 +186,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         intensity = MedFM.settingsValue("intensity", "viewer")
         # The image data's time stamp changes when the voxels do (not when the display does).
         image = volumeNode.GetImageData() if volumeNode else None
+        self.logic.applyRuntimeSettings()  # the module's Runtime and Fast choices
         key = (volumeNode.GetID() if volumeNode else None, image.GetMTime() if image else 0, modelName,
-               device, intensity, self.logic.serverUrl)  # fmt: skip
+               device, intensity, self.logic.serverUrl, self.logic.runtime, self.logic.fast)  # fmt: skip
         if self.session is not None and key == self.sessionKey:
             return self.session
         volume = volume_from_node(volumeNode)

@@ -63,6 +63,8 @@ def run_benchmark(
     first_clicks: int = 3,
     further_clicks: int = 20,
     background: bool = False,
+    runtime: str = "torch",
+    fast: bool = False,
 ) -> dict:
     """Time first clicks (encode + decode) and further clicks (decode only) on a size×size phantom.
 
@@ -78,7 +80,9 @@ def run_benchmark(
     volume, _ = render((size, size, slices), matrix, [organ], background=-100.0, noise_sd=10.0, name="bench")
 
     started = time.perf_counter()
-    engine = create_engine(model, checkpoint=checkpoint, device=device, random_weights=random_weights)
+    engine = create_engine(
+        model, checkpoint=checkpoint, device=device, random_weights=random_weights, runtime=runtime, fast=fast
+    )
     load_ms = (time.perf_counter() - started) * 1000
     session = Session(volume, engine, window=preset_window("soft_tissue"))
 
@@ -128,6 +132,7 @@ def run_benchmark(
         **extra,
         "model": model,
         "device": engine.device,
+        "runtime": getattr(engine, "runtime", "torch"),
         "random_weights": random_weights,
         "image_size": [size, size],
         "load_ms": round(load_ms, 1),
@@ -189,7 +194,7 @@ def format_report(result: dict) -> str:
     rows, cols = result["image_size"]
     weights = " (random weights)" if result["random_weights"] else ""
     lines = [
-        f"model {result['model']} on {result['device']}{weights}, image {rows}×{cols}",
+        f"model {result['model']} on {result['device']} ({result['runtime']}){weights}, image {rows}×{cols}",
         f"  first click (encode + decode): {result['first_click_ms']:.1f} ms (median of {result['first_click_runs']})",
         f"  further click (decode only):   p50 {result['next_click_ms_p50']:.2f} ms, "
         f"p95 {result['next_click_ms_p95']:.2f} ms ({result['next_click_runs']} clicks)",

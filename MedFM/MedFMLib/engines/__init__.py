@@ -7,6 +7,7 @@ from pathlib import Path
 from ..errors import ModelError
 from .base import Embedding, Engine, Prediction, Prompts2D
 from .device import resolve_device
+from .runtime import resolve_runtime
 
 __all__ = ["Embedding", "Engine", "Prediction", "Prompts2D", "create_engine", "resolve_device"]
 
@@ -26,13 +27,18 @@ def create_engine(
     seed: int = 0,
     store=None,
     progress=None,
+    runtime: str = "torch",
+    fast: bool = False,
+    notify=None,
 ) -> Engine:
     """Create the engine for a catalog model.
 
     ``random_weights`` builds the full-size network with random weights: it
     costs the same time and memory as the trained one, for benchmarks and tests.
     Without a ``checkpoint`` the model store provides the file, downloading it
-    on first use (``progress`` receives download progress).
+    on first use (``progress`` receives download progress). ``runtime`` (auto,
+    torch, openvino) picks what runs a SAM-family image encoder; ``fast`` lets
+    OpenVINO use bf16 where the CPU has it; ``notify`` hears of a first conversion.
     """
     from ..models.store import ModelStore
 
@@ -77,7 +83,7 @@ def create_engine(
     else:
         checkpoint = Path(checkpoint) if checkpoint is not None else store.checkpoint(model, progress=progress)
         network, weights_id = load_sam_model(info.arch, checkpoint, model_name=model), _weights_id(checkpoint)
-    return SamEngine(
+    engine = SamEngine(
         network,
         model_name=model,
         device=resolved,
@@ -85,6 +91,9 @@ def create_engine(
         weights_id=weights_id,
         prompt_types=info.prompts,
     )
+    if resolve_runtime(runtime, resolved) == "openvino":
+        engine.use_openvino(store.home / "openvino", fast=fast, notify=notify)
+    return engine
 
 
 def _create_sam2_engine(info, checkpoint, device, random_weights, seed, store, progress) -> Engine:

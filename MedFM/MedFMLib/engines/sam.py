@@ -279,6 +279,22 @@ class SamEngine(TorchEngine):
             raise ValueError(f"unknown preprocessing {preprocessing!r}")
         super().__init__(model, model_name, device, weights_id, prompt_types)
         self.preprocessing = preprocessing
+        #: what runs the image encoder: the torch module, or its OpenVINO conversion (``use_openvino``)
+        self.runtime, self.encoder = "torch", self.model.image_encoder
+
+    def use_openvino(self, cache_dir: Path, fast: bool = False, notify=None) -> None:
+        """Run the image encoder through OpenVINO on the CPU (converted once, kept in ``cache_dir``)."""
+        from .runtime import OpenVinoEncoder
+
+        self.encoder = OpenVinoEncoder(
+            self.model.image_encoder, self.image_size, cache_dir, f"{self.model_name}:{self.weights_id}", fast, notify
+        )
+        self.runtime = f"openvino-{self.encoder.precision}"
+
+    @property
+    def cache_id(self) -> str:
+        # Another runtime or precision rounds differently: its embeddings are cached apart.
+        return super().cache_id if self.runtime == "torch" else f"{super().cache_id}/{self.runtime}"
 
     @property
     def image_size(self) -> int:
@@ -331,7 +347,7 @@ class SamEngine(TorchEngine):
             inputs = [self._model_input(image) for image in images]
             x = torch.cat([model_input for model_input, _ in inputs])
             with self.autocast():
-                features = self.model.image_encoder(x)
+                features = self.encoder(x)
             features = features.to(self.storage_dtype)
         embeddings = []
         for index, (image, (_, input_size)) in enumerate(zip(images, inputs)):

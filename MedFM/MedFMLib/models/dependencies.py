@@ -45,6 +45,8 @@ ENGINE_REQUIREMENTS: dict[str, tuple[Requirement, ...]] = {
         Requirement("yaml", "PyYAML"),
         Requirement("sam2", "sam2", ">=1.0"),
     ),
+    # Not an engine but a runtime for SAM-family encoders on the CPU (--runtime openvino, the module's Runtime).
+    "openvino": (Requirement("openvino", "openvino", ">=2024.4"),),
 }
 
 

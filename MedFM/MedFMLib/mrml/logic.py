@@ -108,15 +108,20 @@ class SegmentationLogic:
         self._engines = {k: v for k, v in self._engines.items() if k[0] != modelName}
         return self.store.remove(modelName)
 
+    #: what runs SAM-family encoders (auto: OpenVINO on a CPU when installed), and bf16 where the CPU has it
+    runtime: str = "auto"
+    fast: bool = False
+
     def engine(self, modelName: str, device: str = "auto"):
         """The engine for a model, loaded once and kept. A model not yet downloaded is an error, not a download:
         the GUI asks first, and scripts call ``downloadModel``."""
         from ..engines import create_engine
 
-        key = (modelName, device)
+        key = (modelName, device, self.runtime, self.fast)
         if key not in self._engines:
             checkpoint = self.store.checkpoint(modelName, fetch=False)
-            self._engines[key] = create_engine(modelName, checkpoint=checkpoint, device=device, store=self.store)
+            self._engines[key] = create_engine(modelName, checkpoint=checkpoint, device=device, store=self.store,
+                                               runtime=self.runtime, fast=self.fast)  # fmt: skip
         return self._engines[key]
 
     # ---------------------------------------------------------------- segment

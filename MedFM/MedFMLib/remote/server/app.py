@@ -73,6 +73,9 @@ class ServerConfig:
     token: str
     models: list[str] = field(default_factory=lambda: ["classic"])
     device: str = "auto"
+    #: what runs SAM-family encoders on a CPU: auto (OpenVINO when installed), torch, openvino; fast: bf16
+    runtime: str = "auto"
+    fast: bool = False
     random_weights: bool = False
     session_ttl_seconds: float = 1800.0
     max_session_mb: int = 4096
@@ -139,8 +142,9 @@ class ModelRegistry:
 
                 log.info("loading model %s on %s", name, self.config.device)
                 engine = create_engine(
-                    name, device=self.config.device, random_weights=self.config.random_weights, store=self.store
-                )
+                    name, device=self.config.device, random_weights=self.config.random_weights, store=self.store,
+                    runtime=self.config.runtime, fast=self.config.fast, notify=log.info,
+                )  # fmt: skip
                 self._engines[name] = QueuedEngine(engine, self.queue)
             return self._engines[name]
 

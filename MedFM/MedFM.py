@@ -250,6 +250,8 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             note = info.download_note if not info.can_download and info.download_note else ""
             status = "not downloaded yet" + (f": {note}" if note else "")
+        if info.prompts == ("box",):  # MedSAM-style models: say so before the user clicks in vain
+            status += " — box prompts only: draw a box around the object"
         self.ui.modelStatusLabel.text = status
         commercial = "commercial use allowed" if info.commercial_use else "NON-COMMERCIAL use only"
         note = f" {info.license_note}" if info.license_note else ""

@@ -247,8 +247,11 @@ def test_models_lists_names_and_licences(tmp_path):
     env = {"MEDFM_HOME": str(tmp_path / "home")}  # never the user's own models folder
     result = run("models", env=env)
     assert result.returncode == 0
-    for name in ("classic", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"):
+    for name in ("classic", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b", "litemedsam", "mobilesam"):
         assert name in result.stdout
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:] if line and line[0] != " "}
+    assert rows["litemedsam"][-2:] == ["box", "Apache-2.0"]  # box prompts only: the list says so
+    assert rows["mobilesam"][-2:] == ["point,box", "Apache-2.0"]
     listed = json.loads(run("models", "--json", env=env).stdout)
     assert {m["name"] for m in listed} >= {"classic", "medsam_vit_b"}
     assert all("license" in m and "commercial_use" in m for m in listed)

@@ -293,7 +293,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             ]
             print(json.dumps(listed, indent=2, default=list))
             return 0
-        print(f"{'NAME':<24} {'STATUS':<14} {'SIZE':>9}  {'COMMERCIAL':<10} LICENCE")
+        print(f"{'NAME':<24} {'STATUS':<14} {'SIZE':>9}  {'COMMERCIAL':<10} {'PROMPTS':<14} LICENCE")
         for name, info in models.items():
             state = states[name]
             if not info.needs_weights:
@@ -305,7 +305,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             else:  # a file is there, but not this entry's: say why below
                 status, size = state.label, human_size(store.path(name).stat().st_size)
             licence = info.license + (" *" if info.license_note else "")
-            print(f"{name:<24} {status:<14} {size:>9}  {'yes' if info.commercial_use else 'NO':<10} {licence}")
+            prompts = ",".join(info.prompts) or "-"
+            commercial = "yes" if info.commercial_use else "NO"
+            print(f"{name:<24} {status:<14} {size:>9}  {commercial:<10} {prompts:<14} {licence}")
         if any(info.license_note for info in models.values()):
             print("* licence to confirm before commercial use: see `medfm models list --json`")
         for name, state in states.items():

@@ -224,7 +224,7 @@ def test_models_list_shows_status_size_and_licence(server, tmp_path):
     after = _medfm("models", "list", env=env)
     row = next(line for line in after.stdout.splitlines() if line.startswith("test_model"))
     assert row.split()[1:4] == ["downloaded", "3.0", "MiB"], row
-    assert "non-commercial" not in row and row.split()[4] == "yes"
+    assert "non-commercial" not in row and row.split()[4:6] == ["yes", "point"]
     listed = {m["name"]: m for m in json.loads(_medfm("models", "list", "--json", env=env).stdout)}
     assert listed["test_model"]["downloaded"] is True and listed["sam_vit_b"]["downloaded"] is False
     removed = _medfm("models", "remove", "test_model", env=env)

@@ -186,7 +186,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .engines import create_engine
     from .imaging.intensity import parse_window
     from .imaging.io import SegmentData, output_kind, read_volume, write_output
-    from .imaging.postprocess import fill_holes, keep_touching_components
+    from .interaction.cleanup import cleaned_mask
     from .interaction.propagation import PropagationOptions
     from .interaction.session import Session
 
@@ -237,11 +237,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         progress.finish()
         for line in result.describe():
             print(f"propagated {line}", file=sys.stderr)
-    mask = session.mask(object_id)
-    if args.keep_connected:
-        mask = keep_touching_components(mask, session.prompt_seeds(object_id))
-    if args.fill_holes:
-        mask = fill_holes(mask, axis=session.propagation_axis(object_id, args.view))
+    mask = cleaned_mask(session, object_id, args.keep_connected, args.fill_holes, view=args.view)
     obj = session.objects[object_id]
     written = write_output(args.out, [SegmentData(obj.name, mask, obj.color)], volume)
     voxel_ml = abs(np.linalg.det(volume.ijk_to_ras[:3, :3])) / 1000.0

@@ -305,19 +305,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     # ----------------------------------------------- encoding, then decoding
     def neededPlanes(self):
         """The planes the current prompts lie on (their embeddings must exist before decoding)."""
-        from MedFMLib.errors import MedFMError
-        from MedFMLib.imaging.geometry import plane_through
-        from MedFMLib.mrml.bridge import control_points
-
-        planes = []
-        for node in (self.positiveNode, self.negativeNode):
-            for pointId, position in control_points(node):
-                view = self.sync.view_of(node, pointId)
-                try:
-                    planes.append(plane_through(self.session.volume, position, view))
-                except MedFMError:
-                    pass  # PromptSync rejects it with a message
-        return planes
+        return self.sync.prompted_planes(self.positiveNode, self.negativeNode)
 
     def requestSync(self):
         if self.ensureSessionOrReport() is None:
@@ -468,19 +456,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def postProcessedMask(self):
         """The preview with the chosen clean-ups: keep the parts the prompts touch, fill holes."""
-        from MedFMLib.errors import PromptError
-        from MedFMLib.imaging.postprocess import fill_holes, keep_touching_components
+        from MedFMLib.interaction.cleanup import cleaned_mask
 
-        mask = self.session.mask(self.objectId)
-        if self.ui.keepConnectedCheckBox.checked:
-            mask = keep_touching_components(mask, self.session.prompt_seeds(self.objectId))
-        if self.ui.fillHolesCheckBox.checked:
-            try:
-                axis = self.session.propagation_axis(self.objectId)
-            except PromptError:
-                axis = None
-            mask = fill_holes(mask, axis)
-        return mask
+        return cleaned_mask(self.session, self.objectId, self.ui.keepConnectedCheckBox.checked,
+                            self.ui.fillHolesCheckBox.checked)  # fmt: skip
 
     # ----------------------------------------------------------- propagation
     def onPropagate(self, direction):
@@ -530,26 +509,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         """A click on a propagated slice: propagate again from there, only as far as the change matters."""
         if self.job is not None:
             return
-        slices = self.session.objects[self.objectId].slices
-        corrected = [
-            u.plane
-            for u in updates
-            if (state := slices.get(u.plane)) is not None
-            and state.origin == "propagated"
-            and state.is_anchor
-            and state.mask is not None
-        ]
+        from MedFMLib.interaction.cleanup import corrected_planes
+
+        corrected = corrected_planes(self.session.objects[self.objectId].slices, updates)
         if corrected:
             session, objectId, plane = self.session, self.objectId, corrected[-1]
             self.startPropagation(
                 lambda progress, cancelled: session.plan_propagation(
-                    objectId,
-                    "both",
-                    view=plane.axis,
-                    start=plane.index,
-                    until_converged=True,
-                    progress=progress,
-                    cancel=cancelled,
+                    objectId, "both", view=plane.axis, start=plane.index, until_converged=True,
+                    progress=progress, cancel=cancelled,
                 )  # fmt: skip
             )
 

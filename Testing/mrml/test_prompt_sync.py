@@ -173,3 +173,33 @@ def test_preview_segment_is_replaced_whole(mrml_scene):
     smaller[truth.shape[0] // 2] = truth[truth.shape[0] // 2]
     set_segment_mask(preview, segment, smaller, volume)
     np.testing.assert_array_equal(segment_array(preview, segment, volume), smaller)
+
+
+def test_the_planes_a_click_needs_are_those_of_its_own_view(mrml_scene):
+    volume, truth, centre, session, obj, positive, negative = _setup(mrml_scene, "ras_aligned")
+    sync = PromptSync(session, obj, default_view="axial")
+    positive.AddControlPoint(vtk.vtkVector3d(*centre))
+    index = negative.AddControlPoint(vtk.vtkVector3d(*(centre + [3.0, 0.0, 0.0])))
+    sync.set_view(negative, negative.GetNthControlPointID(index), "sagittal")
+    negative.AddControlPoint(vtk.vtkVector3d(9999.0, 0.0, 0.0))  # outside the volume: no plane, no error
+    # RAS-aligned 1 mm voxels from the origin: axial slice k at S = k, sagittal slice i at R = i (by hand).
+    assert sync.prompted_planes(positive, negative) == [
+        SlicePlane(2, round(centre[2])), SlicePlane(0, round(centre[0] + 3.0))
+    ]
+
+
+def test_a_correction_on_a_propagated_slice_is_found_among_the_updates():
+    from MedFMLib.interaction.cleanup import corrected_planes
+
+    volume, _, centre = sphere_volume("ras_aligned")
+    session = Session(volume, ClassicEngine())
+    obj = session.add_object()
+    first = session.add_point(obj, centre).plane
+    session.propagate(obj)
+    on_propagated = session.add_point(obj, centre + [0.5, 0.0, 2.0])  # two slices up: propagated, now corrected
+    fresh = session.add_object()
+    elsewhere = session.add_point(fresh, centre)  # another object's first click is no correction
+    slices = session.objects[obj].slices
+    assert corrected_planes(slices, [on_propagated]) == [on_propagated.plane] != [first]
+    assert corrected_planes(slices, [session.add_point(obj, centre + [1.0, 0, 0])]) == []  # the user's own slice
+    assert corrected_planes(session.objects[fresh].slices, [elsewhere]) == []

@@ -16,7 +16,7 @@ import numpy as np
 import vtk
 
 from ..errors import MedFMError
-from ..imaging.geometry import ViewLike, resolve_axis
+from ..imaging.geometry import ViewLike, plane_through, resolve_axis
 from ..interaction.objects import BoxPrompt, SliceUpdate
 from ..interaction.session import Session
 from .bridge import control_points, roi_box_on_slice, roi_corners
@@ -56,6 +56,17 @@ class PromptSync:
     def view_of(self, node, point_id: str) -> ViewLike:
         """The view a control point prompts in: where it was placed, else the default view."""
         return self._views.get((node.GetID(), point_id), self.default_view)
+
+    def prompted_planes(self, *nodes) -> list:
+        """The planes the control points of these markups lie on, each in its own view (unplaceable ones skipped)."""
+        planes = []
+        for node in nodes:
+            for point_id, position in control_points(node) if node is not None else []:
+                try:
+                    planes.append(plane_through(self.session.volume, position, self.view_of(node, point_id)))
+                except MedFMError:
+                    pass  # sync() rejects it with a message
+        return planes
 
     def sync(self, positive_node=None, negative_node=None) -> tuple[list[SliceUpdate], list[RejectedPrompt]]:
         """Replay on the session what changed in the markups since the last call."""

@@ -15,7 +15,7 @@ $(VENV)/.base: pyproject.toml
 
 # sam2's optional CUDA extension is skipped: MedFM does its own hole filling.
 $(VENV)/.full: $(VENV)/.base
-	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q -e ".[sam,sam2,server,openvino,test]"
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q -e ".[sam,sam2,server,openvino,evaluate,test]"
 	touch $@
 
 demo: $(VENV)/.base

@@ -1,0 +1,1 @@
+"""`medfm evaluate`: simulated users on real datasets, scored as the field scores interactive segmentation."""

@@ -38,8 +38,8 @@ def test_surface_dice_of_cubes_worked_out_by_hand():
     reference = cube(shape, (10, 10, 10)) | cube(shape, (10, 10, 60))
     prediction = cube(shape, (10, 10, 10)) | cube(shape, (5, 5, 55), (30, 30, 30))
     assert surface_dice(prediction, reference, spacing) == pytest.approx(4800 / 12600, rel=5e-3)
-    # Spacing counts: at 0.25 mm voxels the second pair is 1.25 mm apart, within 2 mm.
-    assert surface_dice(prediction, reference, (0.25, 0.25, 0.25)) == pytest.approx(1.0)
+    # Spacing counts: at 0.2 mm voxels the second pair is 1 mm apart (corner to corner 1.7 mm), within 2 mm.
+    assert surface_dice(prediction, reference, (0.2, 0.2, 0.2)) == pytest.approx(1.0)
 
 
 def test_nsd_is_zero_below_the_dice_floor_and_the_area_is_a_trapezoid():

@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-undo", type=int, default=50, help="undo steps kept per session (default 50)")
     serve.add_argument("--max-jobs", type=int, default=2, help="propagations running at once, in all (default 2)")
 
+    from .evaluation.command import add_parser as add_evaluate_parser
+
+    add_evaluate_parser(commands)
+
     demo = commands.add_parser("demo", help="segment a generated sample volume and write the result")
     demo.add_argument("--out-dir", default="demo_output", help="folder for the sample and the result")
     demo.add_argument("--model", default="classic")
@@ -440,8 +444,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_join_negative_coordinates(sys.argv[1:] if argv is None else argv))
     from .bench.command import cmd_bench
+    from .evaluation.command import cmd_evaluate
 
-    handlers = {"segment": cmd_segment, "models": cmd_models, "bench": cmd_bench, "demo": cmd_demo, "serve": cmd_serve}
+    handlers = {"segment": cmd_segment, "models": cmd_models, "bench": cmd_bench, "demo": cmd_demo, "serve": cmd_serve,
+                "evaluate": cmd_evaluate}  # fmt: skip
     if args.command is None:
         parser.print_help()
         return 2

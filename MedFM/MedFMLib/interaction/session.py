@@ -53,6 +53,8 @@ from .propagation import BOTH, PropagationOptions, PropagationResult, Propagator
 # Resample a slice to square pixels only when the aspect ratio is off by more
 # than this: below it the interpolation blur costs more than the distortion.
 _ANISOTROPY_TOLERANCE = 1.1
+#: pixels a carried box grows beyond a positive click the user placed outside it
+_CLICK_MARGIN = 5.0
 
 _DEFAULT_COLORS = [
     (0.95, 0.35, 0.25),
@@ -285,7 +287,9 @@ class Session(SessionObjects):
                 result.states[old_plane], result.basis[old_plane] = None, old_state
         seed = SliceState(plane, carried=Prompts2D(box=footprint), origin=ROI, roi_corners=corners)
         result.states[plane], result.basis[plane] = within_box(self.predict(seed), footprint), obj.slices.get(plane)
-        if propagate:
+        seeded = result.states[plane]
+        # A middle slice with nothing on it has nothing to carry: the box stays, and the user can click there.
+        if propagate and seeded is not None and seeded.mask is not None and seeded.mask.any():
             walks = Propagator(self, obj.slices, object_id, axis, options, overlay=dict(result.states))
             walked = walks.run(BOTH, progress=progress, cancel=cancel)
             for walked_plane, state in walked.states.items():
@@ -443,7 +447,8 @@ class Session(SessionObjects):
         """A state's prompts in the pixel coordinates of the engine's image.
 
         The user's prompts come first; carried prompts fill in, and the user's
-        box replaces a carried one.
+        box replaces a carried one. A carried box grows to hold the user's
+        positive clicks: a correction says the object reaches there.
         """
         points = [point_on_plane(self.volume, state.plane, p.ras) for p in state.points]
         labels = [1 if p.positive else 0 for p in state.points]
@@ -451,10 +456,14 @@ class Session(SessionObjects):
         if state.box is not None:
             _, box = box_on_plane(self.volume, state.box.corner_a, state.box.corner_b, state.plane.axis)
         if state.carried is not None:
+            if box is None and state.carried.box is not None:
+                box = np.asarray(state.carried.box, np.float32)
+                positives = np.array([xy for xy, label in zip(points, labels) if label == 1], np.float32)
+                if len(positives):
+                    box = np.concatenate([np.minimum(box[:2], positives.min(axis=0) - _CLICK_MARGIN),
+                                          np.maximum(box[2:], positives.max(axis=0) + _CLICK_MARGIN)])  # fmt: skip
             points.extend(state.carried.points)
             labels.extend(int(label) for label in state.carried.labels)
-            if box is None:
-                box = state.carried.box
         prompts = Prompts2D(np.array(points, np.float32).reshape(-1, 2), labels, box)
         rows, cols = state.plane.shape(self.volume)
         model_rows, model_cols = self.model_image_shape(state.plane)

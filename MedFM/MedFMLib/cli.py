@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="carry the prompted slices' masks through the volume (default when given: both)",
     )
     segment.add_argument("--min-score", type=float, help="propagation stops below this model confidence (default 0.5)")
+    segment.add_argument("--min-object-fraction", type=float, metavar="F",
+                         help="propagation stops where less than this share of a slice's mask looks like the object "
+                              "the prompted slices show (default 0.5; 0 turns the rule off)")  # fmt: skip
     segment.add_argument("--keep-connected", action="store_true", help="keep only the 3D parts the prompts touch")
     segment.add_argument("--fill-holes", action="store_true", help="fill holes in each slice")
     intensity = segment.add_mutually_exclusive_group()
@@ -125,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--slices", type=int, help="--propagate, --server: depth (default 100; 24 with --clients)")
     bench.add_argument("--clients", type=int, help="--server: this many users at once (latency and errors under load)")
+    bench.add_argument("--evaluate", metavar="DATASET", help="time the cvpr25 protocol on a labelled dataset: "
+                       "seconds per case, per box and per click")  # fmt: skip
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     _add_server_options(bench, "compare clicks through this MedFM server with the same clicks in-process")
 
@@ -223,6 +228,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     options = PropagationOptions()
     if args.min_score is not None:
         options = replace(options, criteria=replace(options.criteria, min_score=args.min_score))
+    if args.min_object_fraction is not None:
+        if not 0.0 <= args.min_object_fraction <= 1.0:
+            raise MedFMError(f"--min-object-fraction {args.min_object_fraction} is not a share: give 0 to 1.")
+        options = replace(options, criteria=replace(options.criteria, min_object_fraction=args.min_object_fraction))
     three_d = [box for box in boxes if spans_slices(volume, box[:3], box[3:], args.view)]
     if three_d and len(boxes) > 1:
         raise MedFMError("A 3D box (corners on different slices) goes alone; give several boxes each on one slice.")

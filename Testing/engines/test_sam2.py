@@ -16,7 +16,7 @@ from MedFMLib.interaction.propagation import PropagationOptions, StopCriteria
 from MedFMLib.interaction.session import Session
 from MedFMLib.models.store import ModelStore
 
-NEVER_STOP = PropagationOptions(criteria=StopCriteria(0, 0.0, -np.inf, 0.0, np.inf, 0))
+NEVER_STOP = PropagationOptions(criteria=StopCriteria(0, 0.0, -np.inf, 0.0, np.inf, 0, min_object_fraction=0.0))
 
 
 def phantom(dims=(40, 36, 12)):

@@ -138,3 +138,24 @@ def test_the_command_line_on_a_real_case(tmp_path):
     assert figures["objects"] == 1 and figures["failed"] == 0 and 0.0 <= figures["dsc_final"] <= 1.0
     missing = run_medfm("evaluate", tmp_path / "nope", "--out", tmp_path / "out2")
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "does not exist" in missing.stderr
+
+
+def test_evaluate_through_a_server_scores_as_in_process(tmp_path):
+    """--server: the same protocol, run by a real `medfm serve` on 127.0.0.1, gives the same figures."""
+    from conftest import SERVER_TOKEN, ServerProcess
+
+    dataset = phantom_dataset(tmp_path / "ds", cases=("a",))
+    local = evaluate(dataset, tmp_path / "local", classic_factory(), "classic", "cpu", clicks=2)
+    (tmp_path / "home").mkdir()
+    server = ServerProcess(tmp_path / "home", ["--models", "classic", "--device", "cpu"]).start()
+    try:
+        result = run_medfm("evaluate", dataset, "--model", "classic", "--clicks", "2", "--server", server.url,
+                           "--token", SERVER_TOKEN, "--out", tmp_path / "remote", "--json")  # fmt: skip
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stderr
+    remote = json.loads((tmp_path / "remote" / "results.json").read_text(encoding="utf-8"))
+    local_steps = local["cases"]["a"]["objects"]["1"]["steps"]
+    remote_steps = remote["cases"]["a"]["objects"]["1"]["steps"]
+    assert [s["dsc"] for s in remote_steps] == [s["dsc"] for s in local_steps] and len(remote_steps) == 3
+    assert remote["device"] != "cpu (torch)"  # the server's device, as it reported it

@@ -23,7 +23,7 @@ OBLIQUE = {
     ),
 }
 # Never stop for the object's sake: walks end only at limits (for mechanics tests on random-weight models).
-NEVER_STOP = PropagationOptions(criteria=StopCriteria(0, 0.0, -np.inf, 0.0, np.inf, 0))
+NEVER_STOP = PropagationOptions(criteria=StopCriteria(0, 0.0, -np.inf, 0.0, np.inf, 0, min_object_fraction=0.0))
 
 
 def tapering_phantom(name: str = "oblique", dims=(80, 72, 36), radii=(18.0, 13.0, 26.0)):
@@ -114,7 +114,7 @@ def test_nothing_to_propagate_is_one_clear_error():
 
 def test_stop_criteria_each_reason():
     criteria = StopCriteria()
-    previous = np.zeros((40, 40), bool)
+    previous = np.zeros((60, 60), bool)
     previous[10:30, 10:30] = True  # 400 pixels
     same = previous.copy()
     assert stop_reason(previous, same, 0.9, criteria) is None
@@ -124,8 +124,13 @@ def test_stop_criteria_each_reason():
     assert stop_reason(previous, tiny, 0.9, criteria) == "collapse"
     assert stop_reason(previous, same, 0.2, criteria) == "quality"
     moved = np.zeros_like(previous)
-    moved[22:40, 22:40] = True  # mostly beside the previous mask
+    moved[30:48, 30:48] = True  # beside the previous mask, farther than half its radius (about 5 pixels)
     assert stop_reason(previous, moved, 0.9, criteria) == "overlap"
+    shifted = np.zeros_like(previous)
+    shifted[14:34, 14:34] = True  # the same section, 4 pixels along each axis: a thick slice's shift
+    assert stop_reason(previous, shifted, 0.9, criteria) is None
+    assert stop_reason(previous, same, 0.9, criteria, object_fraction=0.3) == "appearance"
+    assert stop_reason(previous, same, 0.9, criteria, object_fraction=0.7) is None
     leak = np.ones_like(previous)
     assert stop_reason(previous, leak, 0.9, criteria) == "growth"
     # A tapering end (a subset that shrinks by half) is not a stop.
@@ -300,7 +305,7 @@ def test_propagation_with_tiny_sam_uses_cached_embeddings_and_its_logits(tiny_sa
     session.propagate(obj, options=NEVER_STOP)
     assert session.cache.stats.misses == count
     # A model that is never confident enough stops at once and writes nothing.
-    strict = PropagationOptions(criteria=StopCriteria(min_score=1.01))
+    strict = PropagationOptions(criteria=StopCriteria(min_score=np.inf, min_object_fraction=0.0))
     result = session.propagate(obj, options=strict)
     assert result.slices_written == 0 and "quality" in reasons(result).values()
 
@@ -420,3 +425,69 @@ def test_an_anchor_with_an_empty_mask_still_blocks_propagation():
     assert propagator.anchors(with_mask=True) == [start.index]
     walks = propagator.plan("forward")
     assert [(w.start, w.limit, w.limit_reason) for w in walks] == [(start.index, blocked.index - 1, "anchor")]
+
+
+def test_a_negative_click_moves_a_box_only_models_box_off_it():
+    from MedFMLib.interaction.box_prompts import box_without_negatives
+
+    box = np.array([10, 10, 40, 40], np.float32)
+    # The nearest side (left, 2 pixels away) moves past the click.
+    np.testing.assert_array_equal(box_without_negatives(box, [(12, 25)], [0]), [13, 10, 40, 40])
+    # A positive click the left side would leave out: the next side that keeps it moves instead (bottom).
+    moved = box_without_negatives(box, [(11, 20), (12, 25)], [1, 0])
+    np.testing.assert_array_equal(moved, [10, 10, 40, 24])
+    # A negative click outside the box changes nothing.
+    np.testing.assert_array_equal(box_without_negatives(box, [(50, 25)], [0]), box)
+
+
+def test_a_click_off_the_propagated_range_borrows_the_nearest_box(tiny_sam):
+    """A box-only model takes a click on a slice without a box: the nearest segmented slice lends its box."""
+    volume, _, centre = tapering_phantom(dims=(40, 36, 14), radii=(10.0, 8.0, 12.0))
+    session = Session(volume, create_engine("medsam_tiny", checkpoint=tiny_sam, device="cpu"))
+    obj = session.add_object()
+    axis = resolve_axis(volume.ijk_to_ras, "axial")
+    session.set_roi(obj, [centre - [12, 10, 3], centre + [12, 10, 3]], options=NEVER_STOP)
+    segmented = sorted(p.index for p, s in session.objects[obj].slices.items() if s.mask is not None and s.mask.any())
+    assert segmented
+    beyond = segmented[-1] + 2
+    ijk = volume.ras_to_ijk_points(np.array([centre]))[0]
+    ijk[axis] = beyond
+    session.add_point(obj, volume.ijk_to_ras_points(ijk), view="axial")  # no PromptError
+    state = session.objects[obj].slices[SlicePlane(axis, beyond)]
+    neighbour = session.objects[obj].slices[SlicePlane(axis, segmented[-1])].mask
+    rows, cols = np.nonzero(neighbour)
+    np.testing.assert_array_equal(state.carried.box, [cols.min(), rows.min(), cols.max(), rows.max()])
+    with pytest.raises(PromptError, match="box-prompted"):  # a fresh object has no slice to borrow from
+        session.add_point(session.add_object(), centre, view="axial")
+
+
+def hourglass(dims=(60, 60, 15)):
+    """A bright column in noise whose radius is 6 pixels on its middle slice and grows 2 pixels per slice."""
+    matrix = make_ijk_to_ras((1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (0, 0, 0))
+    k, j, i = np.ogrid[: dims[2], : dims[1], : dims[0]]
+    radius = 6.0 + 2.0 * np.abs(k - dims[2] // 2)
+    truth = (j - 30) ** 2 + (i - 30) ** 2 <= radius**2
+    rng = np.random.default_rng(3)
+    from MedFMLib.imaging.volume import Volume
+
+    return Volume(np.where(truth, 200.0, 40.0) + rng.normal(0, 4.0, truth.shape), matrix), truth
+
+
+@pytest.mark.parametrize("bounded", [True, False])
+def test_a_3d_box_bounds_every_slice_or_only_its_range(bounded):
+    """A Slicer ROI bounds each slice by its outline; the challenge's box (drawn on one slice) only by its range."""
+    volume, truth = hourglass()
+    session = Session(volume, ClassicEngine())
+    obj = session.add_object()
+    low = volume.ijk_to_ras_points(np.array([23.0, 23.0, 4.0]))
+    high = volume.ijk_to_ras_points(np.array([37.0, 37.0, 10.0]))
+    session.set_roi(obj, [low, high], options=PropagationOptions(roi_bounds_footprint=bounded))
+    mask = session.mask(obj)
+    assert mask[4:11].any(axis=(1, 2)).all() and not mask[:4].any() and not mask[11:].any()  # the range, always
+    outside = mask.copy()
+    outside[:, 23:38, 23:38] = False
+    if bounded:
+        assert not outside.any()
+    else:
+        assert outside[[4, 10]].sum() > 0.5 * (truth[[4, 10]] & ~truth[7]).sum()  # it grew with the column
+        assert dice(mask[4:11], truth[4:11]) > 0.9

@@ -39,7 +39,9 @@ def server(tmp_path_factory, tiny_sam_catalog):
 
 # Random tiny models have no idea of quality: let propagation run to the box's ends.
 LENIENT = PropagationOptions(
-    criteria=StopCriteria(min_score=-1e9, min_overlap=0.0, min_area_ratio=0.0, max_area_ratio=1e3)
+    criteria=StopCriteria(
+        min_score=-1e9, min_overlap=0.0, min_area_ratio=0.0, max_area_ratio=1e3, min_object_fraction=0.0
+    )
 )
 
 

@@ -45,6 +45,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         print(json.dumps(result) if args.json else format_remote_report(result))
         return 0
+    if args.evaluate:
+        from .evaluation import format_evaluation_report, run_evaluation_benchmark
+
+        result = run_evaluation_benchmark(args.evaluate, args.model, device=args.device, checkpoint=args.checkpoint,
+                                          random_weights=args.random_weights)  # fmt: skip
+        print(json.dumps(result) if args.json else format_evaluation_report(result))
+        return 1 if result["failed"] else 0
     if args.compare_runtimes:
         from ..console import note
         from .runtimes import format_runtime_comparison, run_runtime_comparison

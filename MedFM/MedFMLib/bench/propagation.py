@@ -22,7 +22,7 @@ from ..interaction.session import Session
 from .clicks import device_synchronizer, peak_rss_mb
 
 # Walk to the volume's edge whatever the masks look like: this measures cost, not quality.
-_COST_ONLY = PropagationOptions(criteria=StopCriteria(0, 0.0, -np.inf, 0.0, np.inf, 0))
+_COST_ONLY = PropagationOptions(criteria=StopCriteria(0, 0.0, -np.inf, 0.0, np.inf, 0, min_object_fraction=0.0))
 
 
 def _timed_propagation(session: Session, object_id: int, synchronize) -> tuple[list[float], float]:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import PromptError
+from ..imaging.appearance import Appearance
 
 
 @dataclass
@@ -23,11 +24,14 @@ class Prompts2D:
 
     ``labels`` holds 1 for a positive (foreground) point and 0 for a negative one.
     ``box`` is (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1, or None.
+    ``appearance``: what the object looks like on the slices the user vouched for (propagation gives it),
+    for engines that segment by intensity; image models ignore it.
     """
 
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int32))
     box: np.ndarray | None = None
+    appearance: Appearance | None = None
 
     def __post_init__(self) -> None:
         self.points = np.asarray(self.points, dtype=np.float32).reshape(-1, 2)
@@ -56,7 +60,7 @@ class Prompts2D:
         box = None
         if self.box is not None:
             box = (self.box + 0.5) * np.array([scale_x, scale_y, scale_x, scale_y], np.float32) - 0.5
-        return Prompts2D(points, self.labels.copy(), box)
+        return Prompts2D(points, self.labels.copy(), box, self.appearance)
 
 
 @dataclass
@@ -89,6 +93,8 @@ class Engine(ABC):
     prompt_types: tuple[str, ...] = ("point", "box")
     #: learned models saw photos with square pixels: give them slices resampled to square pixels
     prefers_square_pixels: bool = True
+    #: the engine has no logits of its own: give it the previous mask (bool, its image grid) in their place
+    refines_from_mask: bool = False
 
     @property
     def cache_id(self) -> str:

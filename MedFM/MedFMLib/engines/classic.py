@@ -9,6 +9,14 @@ the negative points:
 * when a negative point falls inside the grown region, the tolerance shrinks
   until it no longer does, and finally a small disc around it is cut away.
 
+During propagation the prompts also carry the object's *appearance*, learnt
+from the slices the user vouched for (see ``imaging/appearance.py``). Region
+growing with one tolerance leaks on real anatomy (a ring-enhancing tumour is
+not one intensity, and the brain around it is close); so a propagated slice is
+segmented instead as the pixels that look more like the object than like its
+surroundings, connected to the previous slice's core or to a positive point.
+It has no logits: propagation hands it the previous slice's mask instead.
+
 It is deterministic, so it also serves as the oracle of the geometry tests: a
 click on a bright phantom sphere must return exactly that sphere's section.
 """
@@ -18,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import PromptError
+from ..imaging.appearance import Appearance
 from .base import Embedding, Engine, Prediction, Prompts2D
 
 # Tolerance around the seed value, in window units ([0, 1]); the lower bound
@@ -26,6 +35,8 @@ _MIN_TOLERANCE = 0.06
 _NOISE_FACTOR = 3.0
 _SEED_RADIUS = 2
 _SHRINK_STEPS = 8
+#: log-likelihood-ratio thresholds tried, in turn, until no negative point is inside the object
+_RATIO_STEPS = (0.0, 0.5, 1.0, 2.0, 4.0)
 
 
 def _neighbourhood(image: np.ndarray, x: float, y: float, radius: int) -> np.ndarray:
@@ -40,6 +51,7 @@ class ClassicEngine(Engine):
     prompt_types = ("point", "box")
     # Region growing works on the native grid; resampling would only blur its edges.
     prefers_square_pixels = False
+    refines_from_mask = True
 
     def __init__(self, device: str = "cpu") -> None:
         # Runs on the CPU whatever the caller asked for: there is nothing to accelerate.
@@ -52,7 +64,6 @@ class ClassicEngine(Engine):
         return Embedding(features=image, image_shape=image.shape, nbytes=image.nbytes)
 
     def decode(self, embedding: Embedding, prompts: Prompts2D, previous_logits: np.ndarray | None = None) -> Prediction:
-        import SimpleITK as sitk
 
         self.check_prompts(prompts)
         image: np.ndarray = embedding.features
@@ -75,50 +86,108 @@ class ClassicEngine(Engine):
             seed_radius = _SEED_RADIUS
         if not seeds:
             raise PromptError("The classic model needs at least one positive point or a box.")
+        previous = None
+        if previous_logits is not None and np.shape(previous_logits) == image.shape:
+            previous = np.asarray(previous_logits) > 0
+        if prompts.appearance is not None:
+            mask = _by_appearance(image, prompts.appearance, allowed, seeds, negatives, previous)
+            return Prediction(mask=mask, score=1.0 if mask.any() else 0.0, low_res_logits=None)
+        if prompts.box is not None:
+            # A box says what the object looks like (its middle) and what it does not (just outside).
+            appearance, middle = Appearance.from_box(image, allowed)
+            # Inside a box drawn within the object, its middle looks like its outside: grow from the seeds.
+            if appearance is not None and appearance.object_fraction(image, middle) >= 0.5:
+                positives = [tuple(p) for p, label in zip(prompts.points, prompts.labels) if label == 1]
+                mask = _by_appearance(image, appearance, allowed, positives, negatives, None, middle)
+                return Prediction(mask=mask, score=1.0 if mask.any() else 0.0, low_res_logits=None)
 
-        seed_stats = []
-        for x, y in seeds:
-            patch = _neighbourhood(image, x, y, seed_radius)
-            centre = float(np.median(patch))
-            spread = float(np.median(np.abs(patch - centre))) * 1.4826
-            seed_stats.append((x, y, centre, max(_MIN_TOLERANCE, _NOISE_FACTOR * spread)))
-
-        sitk_image = sitk.GetImageFromArray(np.where(allowed, image, np.float32(-10.0)).astype(np.float32))
-        negative_pixels = [(int(round(y)), int(round(x))) for x, y in negatives]
-
-        mask = np.zeros(image.shape, dtype=bool)
-        for step in range(_SHRINK_STEPS + 1):
-            shrink = 0.75**step
-            mask[:] = False
-            for x, y, centre, tolerance in seed_stats:
-                seed = (int(np.clip(round(x), 0, cols - 1)), int(np.clip(round(y), 0, rows - 1)))
-                if not allowed[seed[1], seed[0]]:
-                    continue
-                grown = sitk.ConnectedThreshold(
-                    sitk_image,
-                    seedList=[seed],
-                    lower=centre - tolerance * shrink,
-                    upper=centre + tolerance * shrink,
-                )
-                mask |= sitk.GetArrayViewFromImage(grown).astype(bool)
-            if not any(mask[r, c] for r, c in negative_pixels if 0 <= r < rows and 0 <= c < cols):
-                break
-        for r, c in negative_pixels:
-            if 0 <= r < rows and 0 <= c < cols and mask[r, c]:
-                yy, xx = np.ogrid[:rows, :cols]
-                mask &= (yy - r) ** 2 + (xx - c) ** 2 > (2 * _SEED_RADIUS + 1) ** 2
-
-        filled = sitk.GetArrayFromImage(
-            sitk.BinaryFillhole(sitk.GetImageFromArray(mask.astype(np.uint8)), fullyConnected=False)
-        ).astype(bool)
-        holes = filled & ~mask
-        if holes.any() and negative_pixels:
-            # A hole the user marked negative is background, not a gap to close.
-            hole_labels = sitk.GetArrayFromImage(
-                sitk.ConnectedComponent(sitk.GetImageFromArray(holes.astype(np.uint8)))
-            )
-            for r, c in negative_pixels:
-                if 0 <= r < rows and 0 <= c < cols and hole_labels[r, c]:
-                    filled[hole_labels == hole_labels[r, c]] = False
-        mask = filled & allowed
+        mask = _region_grow(image, allowed, seeds, negatives, seed_radius)
         return Prediction(mask=mask, score=1.0 if mask.any() else 0.0, low_res_logits=None)
+
+
+def _region_grow(
+    image: np.ndarray,
+    allowed: np.ndarray,
+    seeds: list[tuple[float, float]],
+    negatives: list[tuple[float, float]],
+    seed_radius: int,
+) -> np.ndarray:
+    """Pixels connected to each seed within a tolerance of its neighbourhood's value; negatives shrink it."""
+    import SimpleITK as sitk
+
+    rows, cols = image.shape
+    seed_stats = []
+    for x, y in seeds:
+        patch = _neighbourhood(image, x, y, seed_radius)
+        centre = float(np.median(patch))
+        spread = float(np.median(np.abs(patch - centre))) * 1.4826
+        seed_stats.append((x, y, centre, max(_MIN_TOLERANCE, _NOISE_FACTOR * spread)))
+
+    sitk_image = sitk.GetImageFromArray(np.where(allowed, image, np.float32(-10.0)).astype(np.float32))
+    negative_pixels = [(int(round(y)), int(round(x))) for x, y in negatives]
+
+    mask = np.zeros(image.shape, dtype=bool)
+    for step in range(_SHRINK_STEPS + 1):
+        shrink = 0.75**step
+        mask[:] = False
+        for x, y, centre, tolerance in seed_stats:
+            seed = (int(np.clip(round(x), 0, cols - 1)), int(np.clip(round(y), 0, rows - 1)))
+            if not allowed[seed[1], seed[0]]:
+                continue
+            grown = sitk.ConnectedThreshold(
+                sitk_image,
+                seedList=[seed],
+                lower=centre - tolerance * shrink,
+                upper=centre + tolerance * shrink,
+            )
+            mask |= sitk.GetArrayViewFromImage(grown).astype(bool)
+        if not any(mask[r, c] for r, c in negative_pixels if 0 <= r < rows and 0 <= c < cols):
+            break
+    for r, c in negative_pixels:
+        if 0 <= r < rows and 0 <= c < cols and mask[r, c]:
+            yy, xx = np.ogrid[:rows, :cols]
+            mask &= (yy - r) ** 2 + (xx - c) ** 2 > (2 * _SEED_RADIUS + 1) ** 2
+
+    filled = sitk.GetArrayFromImage(
+        sitk.BinaryFillhole(sitk.GetImageFromArray(mask.astype(np.uint8)), fullyConnected=False)
+    ).astype(bool)
+    holes = filled & ~mask
+    if holes.any() and negative_pixels:
+        # A hole the user marked negative is background, not a gap to close.
+        hole_labels = sitk.GetArrayFromImage(
+            sitk.ConnectedComponent(sitk.GetImageFromArray(holes.astype(np.uint8)))
+        )
+        for r, c in negative_pixels:
+            if 0 <= r < rows and 0 <= c < cols and hole_labels[r, c]:
+                filled[hole_labels == hole_labels[r, c]] = False
+    return filled & allowed
+
+
+def _by_appearance(
+    image: np.ndarray,
+    appearance: Appearance,
+    allowed: np.ndarray,
+    positives: list[tuple[float, float]],
+    negatives: list[tuple[float, float]],
+    previous: np.ndarray | None,
+    core: np.ndarray | None = None,
+) -> np.ndarray:
+    """Pixels that look like the object, near the previous slice's mask, connected to its core or to a point.
+
+    A negative point inside raises the likelihood threshold until it is outside; failing that, a small
+    disc around it is cut away. (Measured against a local cut, the part nearer the negative point than
+    the positive evidence, on the real cases: the threshold did better on two of three lesions.)
+    """
+    rows, cols = image.shape
+    seeds = [(int(np.clip(round(y), 0, rows - 1)), int(np.clip(round(x), 0, cols - 1))) for x, y in positives]
+    negative_pixels = [(int(round(y)), int(round(x))) for x, y in negatives]
+    negative_pixels = [(r, c) for r, c in negative_pixels if 0 <= r < rows and 0 <= c < cols]
+    for threshold in _RATIO_STEPS:
+        mask = appearance.locate(image, previous, allowed, seeds, threshold, core)
+        if not any(mask[r, c] for r, c in negative_pixels):
+            break
+    yy, xx = np.ogrid[:rows, :cols]
+    for r, c in negative_pixels:
+        if mask[r, c]:
+            mask &= (yy - r) ** 2 + (xx - c) ** 2 > (2 * _SEED_RADIUS + 1) ** 2
+    return mask

@@ -8,11 +8,19 @@ low-resolution logits as a mask prompt, each as the engine takes them. An
 engine with a memory of earlier frames (SAM 2) tracks instead, conditioned on
 every anchor.
 
+On real scans a model always finds *something* in a carried box, so the walk
+also knows what the object looks like: an ``Appearance`` learnt from the
+anchors (intensities inside the object against the tissue around it). On each
+new slice it finds where the object went (the pixels that look like it, near
+the previous mask), and the carried box and point are drawn there rather than
+where the object was; and a new mask that looks mostly like the surroundings
+ends the walk.
+
 A walk stops where the object ends (its area collapses), where the model
-loses confidence, where the new mask stops overlapping the previous one or
-suddenly grows (a leak), at a 3D box's last slice, at the volume's edge, or at
-the next anchor: anchors are never overwritten. Between two anchors each one
-fills the slices nearer to it.
+loses confidence, where the new mask looks unlike the object, stops
+overlapping the previous one or suddenly grows (a leak), at a 3D box's last
+slice, at the volume's edge, or at the next anchor: anchors are never
+overwritten. Between two anchors each one fills the slices nearer to it.
 
 The computation only reads the session, so it can run on a worker thread; the
 result is applied afterwards, as one undoable step, by ``Session.apply_propagation``.
@@ -28,7 +36,8 @@ import numpy as np
 
 from ..engines.base import Prompts2D
 from ..errors import PromptError
-from ..imaging.geometry import SlicePlane, box_mask, roi_footprint, roi_slice_range
+from ..imaging.appearance import Appearance, dilate, equivalent_radius
+from ..imaging.geometry import SlicePlane, box_mask, extract_slice, roi_footprint, roi_slice_range
 from ..imaging.volume import Volume
 from .objects import PROPAGATED, SliceState
 
@@ -40,6 +49,7 @@ STOP_REASONS = {
     "end": "the object ended (its area fell below the minimum)",
     "collapse": "the object's area collapsed",
     "quality": "the model's confidence dropped",
+    "appearance": "the new slice's mask looks like the surrounding tissue, not like the object",
     "overlap": "the overlap with the previous slice dropped",
     "growth": "the area grew too fast (a leak)",
     "roi": "it reached the end of the 3D box",
@@ -60,11 +70,13 @@ class StopCriteria:
     min_area_ratio: float = 0.15
     #: the model's own quality estimate (SAM's predicted IoU, SAM 2's object presence) below this
     min_score: float = 0.5
-    #: shared pixels over the smaller of the two masks below this: lost the object
+    #: pixels within reach of the previous mask (half its radius) over the smaller mask below this: lost it
     min_overlap: float = 0.5
     #: more than this times the previous area, plus ``growth_allowance_pixels``: a leak
     max_area_ratio: float = 2.5
     growth_allowance_pixels: int = 50
+    #: less than this share of the mask looking like the object (by the anchors' appearance): it ended
+    min_object_fraction: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -80,8 +92,14 @@ class PropagationOptions:
     use_mask: bool = True
     #: use the engine's memory across slices where it has one (SAM 2)
     use_memory: bool = True
+    #: learn the object's appearance from the anchors: find the object on each new slice by it (the carried
+    #: box and point go there), and give it to engines that segment by intensity
+    use_appearance: bool = True
     #: after a correction: stop once a slice agrees with its earlier result to this Dice
     converge_dice: float = 0.97
+    #: a 3D box bounds every slice by its footprint (a Slicer ROI drawn around the object); False: by its slice
+    #: range only (a box drawn on one slice and given a depth, as the CVPR 2025 challenge's boxes are)
+    roi_bounds_footprint: bool = True
 
 
 @dataclass(frozen=True)
@@ -127,16 +145,25 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
 
 
-def stop_reason(previous: np.ndarray, mask: np.ndarray, score: float, criteria: StopCriteria) -> str | None:
-    """The reason to stop at a slice whose mask is ``mask``, given the previous slice's; None to go on."""
+def stop_reason(
+    previous: np.ndarray, mask: np.ndarray, score: float, criteria: StopCriteria, object_fraction: float = 1.0
+) -> str | None:
+    """The reason to stop at a slice whose mask is ``mask``, given the previous slice's; None to go on.
+
+    ``object_fraction``: the share of the mask that looks like the object (1.0 when nothing is known).
+    """
     area, previous_area = int(mask.sum()), int(previous.sum())
-    if area < criteria.min_area_pixels:
+    if area < max(1, criteria.min_area_pixels):  # an empty mask has nothing to carry on
         return "end"
     if area < criteria.min_area_ratio * previous_area:
         return "collapse"
     if score < criteria.min_score:
         return "quality"
-    overlap = float(np.logical_and(mask, previous).sum()) / max(1, min(area, previous_area))
+    if object_fraction < criteria.min_object_fraction:
+        return "appearance"
+    # A section moves between slices (more so on thick ones): it overlaps where the previous one could have gone.
+    reach = max(2, int(round(equivalent_radius(previous))) // 2)
+    overlap = float(np.logical_and(mask, dilate(previous, reach)).sum()) / max(1, min(area, previous_area))
     if overlap < criteria.min_overlap:
         return "overlap"
     if area > criteria.max_area_ratio * previous_area + criteria.growth_allowance_pixels:
@@ -159,9 +186,13 @@ def deepest_point(mask: np.ndarray) -> tuple[float, float]:
 
 
 def carried_prompts(
-    previous_mask: np.ndarray, options: PropagationOptions, prompt_types: tuple[str, ...], bound: np.ndarray | None
+    previous_mask: np.ndarray,
+    options: PropagationOptions,
+    prompt_types: tuple[str, ...],
+    bound: np.ndarray | None,
+    appearance: Appearance | None = None,
 ) -> Prompts2D:
-    """Prompts for the next slice from the previous slice's mask, in slice pixel coordinates."""
+    """Prompts for the next slice from a mask (the previous slice's, or where the object was found on this one)."""
     rows, cols = previous_mask.shape
     ys, xs = np.nonzero(previous_mask)
     box = None
@@ -184,7 +215,7 @@ def carried_prompts(
     points = np.zeros((0, 2), np.float32)
     if (options.use_point and "point" in prompt_types) or box is None:
         points = np.array([deepest_point(previous_mask)], np.float32)
-    return Prompts2D(points, np.ones(len(points), np.int32), box)
+    return Prompts2D(points, np.ones(len(points), np.int32), box, appearance)
 
 
 def within_box(state: SliceState, box: np.ndarray | None) -> SliceState:
@@ -199,6 +230,7 @@ class SliceModel(Protocol):
 
     volume: Volume
     engine: object
+    window: object  # the session's ``Window``: the intensities the engine sees
 
     def predict(self, state: SliceState) -> SliceState | None: ...
 
@@ -234,6 +266,7 @@ class Propagator:
         self.slices = {plane: state for plane, state in merged.items() if state is not None}
         self.count = self.volume.dimensions[axis]
         self.roi = self._roi()
+        self.appearance = self._learn_appearance() if self.options.use_appearance else None
 
     # ------------------------------------------------------------------ plan
     def _roi(self) -> tuple[np.ndarray, int, int] | None:
@@ -242,6 +275,15 @@ class Propagator:
                 first, last = roi_slice_range(self.volume, state.roi_corners, self.axis)
                 return state.roi_corners, first, last
         return None
+
+    def image(self, plane: SlicePlane) -> np.ndarray:
+        """A slice as the engine sees its intensities (windowed), on the slice's own pixel grid."""
+        return self.model.window.apply(extract_slice(self.volume.array, plane))
+
+    def _learn_appearance(self) -> Appearance | None:
+        """The object's look on the anchors of this axis (the slices the user vouched for)."""
+        anchors = [SlicePlane(self.axis, index) for index in self.anchors(with_mask=True)]
+        return Appearance.learn((self.image(plane), self.slices[plane].mask) for plane in anchors)
 
     def anchors(self, with_mask: bool = False) -> list[int]:
         """Slice indices of the anchors on the axis; ``with_mask``: only those with something to carry.
@@ -313,7 +355,10 @@ class Propagator:
                     reason = "cancelled"
                     break
                 previous = result.states.get(SlicePlane(self.axis, last)) or self.slices[SlicePlane(self.axis, last)]
-                why = stop_reason(previous.mask, state.mask, state.score, self.options.criteria)
+                looks = 1.0
+                if self.appearance is not None and state.mask is not None:
+                    looks = self.appearance.object_fraction(self.image(plane), state.mask)
+                why = stop_reason(previous.mask, state.mask, state.score, self.options.criteria, looks)
                 if why is not None:
                     reason = why
                     self._clear_beyond(result, walk, plane.index)
@@ -349,7 +394,9 @@ class Propagator:
                 result.basis[plane] = self.stored.get(plane)
 
     def _footprint(self, plane: SlicePlane) -> np.ndarray | None:
-        return None if self.roi is None else roi_footprint(self.volume, self.roi[0], plane)
+        if self.roi is None or not self.options.roi_bounds_footprint:
+            return None
+        return roi_footprint(self.volume, self.roi[0], plane)
 
     def _step_2d(self, walk: Walk) -> Iterator[tuple[SlicePlane, object]]:
         """Slice-by-slice prompting for image models (SAM, MedSAM, classic)."""
@@ -358,16 +405,27 @@ class Propagator:
         for index in range(walk.start + walk.step, walk.limit + walk.step, walk.step):
             plane = SlicePlane(self.axis, index)
             footprint = self._footprint(plane)
-            prompts = carried_prompts(previous.mask, self.options, prompt_types, footprint)
+            guide = previous.mask
+            if self.appearance is not None:
+                found = self.appearance.locate(self.image(plane), previous.mask)
+                if found.sum() >= max(1, self.options.criteria.min_area_pixels):
+                    guide = found  # prompt where the object is on this slice, not where it was
+            prompts = carried_prompts(guide, self.options, prompt_types, footprint, self.appearance)
             state = SliceState(
                 plane,
                 carried=prompts,
-                carried_logits=previous.logits if self.options.use_mask else None,
+                carried_logits=self._logits_of(previous) if self.options.use_mask else None,
                 origin=PROPAGATED,
             )
             state = within_box(self.model.predict(state), footprint)
             yield plane, state
             previous = state
+
+    def _logits_of(self, state: SliceState):
+        """What the next slice refines from: the model's logits, or the mask itself for an engine without any."""
+        if state.logits is None and getattr(self.model.engine, "refines_from_mask", False):
+            return state.mask
+        return state.logits
 
     def _track(self, walk: Walk) -> Iterator[tuple[SlicePlane, object]]:
         """Memory-based tracking (SAM 2), conditioned on every anchor of the axis."""

@@ -36,6 +36,7 @@ from ..imaging.geometry import (
 from ..imaging.intensity import Window, resolve_window
 from ..imaging.resample import isotropic_shape, resize_linear
 from ..imaging.volume import Volume
+from .box_prompts import box_from_neighbour, box_without_negatives
 from .cache import EmbeddingCache, EmbeddingKey
 from .objects import (
     PROPAGATED,
@@ -152,6 +153,9 @@ class Session(SessionObjects):
         plane = plane_through(self.volume, ras, view)
         before = obj.slices.get(plane)
         state = before or SliceState(plane)
+        if self.engine.prompt_types == ("box",) and state.box is None and (state.carried is None
+                                                                            or state.carried.box is None):  # fmt: skip
+            state = replace(state, carried=box_from_neighbour(obj.slices, state.plane) or state.carried)
         point = PointPrompt(self._next_prompt_id, ras, bool(positive))
         after = self.predict(replace(state, points=state.points + (point,)), refine_from=state)
         self._next_prompt_id += 1
@@ -464,7 +468,10 @@ class Session(SessionObjects):
                                           np.maximum(box[2:], positives.max(axis=0) + _CLICK_MARGIN)])  # fmt: skip
             points.extend(state.carried.points)
             labels.extend(int(label) for label in state.carried.labels)
-        prompts = Prompts2D(np.array(points, np.float32).reshape(-1, 2), labels, box)
+        if box is not None and self.engine.prompt_types == ("box",):
+            box = box_without_negatives(box, points, labels)
+        appearance = state.carried.appearance if state.carried is not None else None
+        prompts = Prompts2D(np.array(points, np.float32).reshape(-1, 2), labels, box, appearance)
         rows, cols = state.plane.shape(self.volume)
         model_rows, model_cols = self.model_image_shape(state.plane)
         if (model_rows, model_cols) != (rows, cols):
@@ -490,6 +497,8 @@ class Session(SessionObjects):
             return None
         if refine_from is not None and refine_from.has_any_prompt:
             previous = refine_from.logits
+            if previous is None and self.engine.refines_from_mask:
+                previous = refine_from.mask
         else:
             previous = state.carried_logits
         prompts = self.slice_prompts(state)

@@ -34,6 +34,7 @@ class CriteriaArgs(Strict):
     min_overlap: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     max_area_ratio: Annotated[float, Field(ge=1.0, le=1000.0)] = 2.5
     growth_allowance_pixels: Annotated[int, Field(ge=0)] = 50
+    min_object_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
 
 
 class OptionsArgs(Strict):
@@ -44,7 +45,9 @@ class OptionsArgs(Strict):
     use_point: bool = True
     use_mask: bool = True
     use_memory: bool = True
+    use_appearance: bool = True
     converge_dice: Annotated[float, Field(ge=0.0, le=1.0)] = 0.97
+    roi_bounds_footprint: bool = True
 
     def to_options(self) -> PropagationOptions:
         values = self.model_dump()

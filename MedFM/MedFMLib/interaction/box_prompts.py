@@ -1,0 +1,44 @@
+"""How a box-prompted model (MedSAM, LiteMedSAM) takes clicks: through its box, its only lever.
+
+Such a model was trained on boxes alone, so a click changes the box: a positive click outside it grows
+the box to hold it (see ``Session.slice_prompts``), a negative click inside it moves the box's nearest
+side past it, and a click on a slice without a box borrows the nearest segmented slice's box.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ..engines.base import Prompts2D
+from ..imaging.geometry import SlicePlane
+from .objects import SliceState
+
+
+def box_without_negatives(box: np.ndarray, points: Sequence, labels: Sequence[int]) -> np.ndarray:
+    """Each negative click inside the box moves the box's nearest side past it, unless that would leave out a
+    positive click or make the box thinner than 2 pixels (then the next nearest side moves)."""
+    box = np.asarray(box, np.float32).copy()
+    positives = [np.asarray(xy, np.float32) for xy, label in zip(points, labels) if label == 1]
+    for (x, y), label in zip(points, labels):
+        if label == 1 or not (box[0] <= x <= box[2] and box[1] <= y <= box[3]):
+            continue
+        for side in sorted(range(4), key=lambda side: abs(box[side] - (x, y)[side % 2])):
+            moved = box.copy()
+            moved[side] = (x, y)[side % 2] + (1.0 if side < 2 else -1.0)
+            keeps_positives = all(moved[0] <= px <= moved[2] and moved[1] <= py <= moved[3] for px, py in positives)
+            if moved[2] - moved[0] >= 2 and moved[3] - moved[1] >= 2 and keeps_positives:
+                box = moved
+                break
+    return box
+
+
+def box_from_neighbour(slices: Mapping[SlicePlane, SliceState], plane: SlicePlane) -> Prompts2D | None:
+    """The box of the nearest segmented slice along the plane's axis, as carried prompts; None if there is none."""
+    neighbours = [(abs(p.index - plane.index), p.index, p) for p, s in slices.items()
+                  if p.axis == plane.axis and p != plane and s.mask is not None and s.mask.any()]  # fmt: skip
+    if not neighbours:
+        return None
+    rows, cols = np.nonzero(slices[min(neighbours)[2]].mask)
+    return Prompts2D(box=np.array([cols.min(), rows.min(), cols.max(), rows.max()], np.float32))

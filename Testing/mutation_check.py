@@ -99,6 +99,19 @@ MUTANTS = [
            '            if method == "apply_plan":\n                planned',
            '            if method == "apply_plan":\n                continue\n                planned',
            ("Testing/remote/test_remote.py",)),
+    # Issue 15: propagation on real anatomy.
+    Mutant("appearance-stop-ignored", LIB + "interaction/propagation.py",
+           "    if object_fraction < criteria.min_object_fraction:", "    if False:",
+           ("Testing/interaction/test_propagation.py::test_stop_criteria_each_reason",)),
+    Mutant("challenge-box-bounds-every-slice", LIB + "interaction/propagation.py",
+           "        if self.roi is None or not self.options.roi_bounds_footprint:", "        if self.roi is None:",
+           ("Testing/interaction/test_propagation.py::test_a_3d_box_bounds_every_slice_or_only_its_range",)),
+    Mutant("box-only-click-without-a-box", LIB + "interaction/session.py",
+           "            state = replace(state, carried=box_from_neighbour(obj.slices, state.plane) or state.carried)",
+           "            pass",
+           ("Testing/interaction/test_propagation.py::test_a_click_off_the_propagated_range_borrows_the_nearest_box",)),
+    Mutant("classic-ignores-appearance", LIB + "engines/classic.py", "        if prompts.appearance is not None:",
+           "        if False:", ("Testing/interaction/test_real_propagation.py",)),
 ]
 
 

@@ -266,6 +266,7 @@ class Propagator:
         self.slices = {plane: state for plane, state in merged.items() if state is not None}
         self.count = self.volume.dimensions[axis]
         self.roi = self._roi()
+        self._last_image: tuple[SlicePlane, np.ndarray] | None = None
         self.appearance = self._learn_appearance() if self.options.use_appearance else None
 
     # ------------------------------------------------------------------ plan
@@ -277,8 +278,13 @@ class Propagator:
         return None
 
     def image(self, plane: SlicePlane) -> np.ndarray:
-        """A slice as the engine sees its intensities (windowed), on the slice's own pixel grid."""
-        return self.model.window.apply(extract_slice(self.volume.array, plane))
+        """A slice as the engine sees its intensities (windowed), on the slice's own pixel grid.
+
+        The last one is kept: a walk looks for the object on a slice and then judges its mask there.
+        """
+        if self._last_image is None or self._last_image[0] != plane:
+            self._last_image = (plane, self.model.window.apply(extract_slice(self.volume.array, plane)))
+        return self._last_image[1]
 
     def _learn_appearance(self) -> Appearance | None:
         """The object's look on the anchors of this axis (the slices the user vouched for)."""

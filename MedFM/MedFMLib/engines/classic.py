@@ -64,55 +64,67 @@ class ClassicEngine(Engine):
         return Embedding(features=image, image_shape=image.shape, nbytes=image.nbytes)
 
     def decode(self, embedding: Embedding, prompts: Prompts2D, previous_logits: np.ndarray | None = None) -> Prediction:
-
         self.check_prompts(prompts)
         image: np.ndarray = embedding.features
         rows, cols = image.shape
         allowed = np.ones(image.shape, dtype=bool)
-        seeds = [tuple(p) for p, label in zip(prompts.points, prompts.labels) if label == 1]
-        negatives = [tuple(p) for p, label in zip(prompts.points, prompts.labels) if label == 0]
+        positives = [tuple(p) for p, label in zip(prompts.points, prompts.labels) if label == 1]
+        negatives = _pixels([tuple(p) for p, label in zip(prompts.points, prompts.labels) if label == 0], image.shape)
+        seeds, seed_radius = positives, _SEED_RADIUS
         if prompts.box is not None:
             x0, y0, x1, y1 = prompts.box
             c0, c1 = int(np.clip(np.floor(x0 + 0.5), 0, cols - 1)), int(np.clip(np.ceil(x1 - 0.5), 0, cols - 1))
             r0, r1 = int(np.clip(np.floor(y0 + 0.5), 0, rows - 1)), int(np.clip(np.ceil(y1 - 0.5), 0, rows - 1))
             allowed[:] = False
             allowed[r0 : r1 + 1, c0 : c1 + 1] = True
-            if not seeds:
+            if not positives:
                 seeds = [((x0 + x1) / 2.0, (y0 + y1) / 2.0)]
                 seed_radius = max(_SEED_RADIUS, int(min(x1 - x0, y1 - y0) / 6))
-            else:
-                seed_radius = _SEED_RADIUS
-        else:
-            seed_radius = _SEED_RADIUS
         if not seeds:
             raise PromptError("The classic model needs at least one positive point or a box.")
         previous = None
         if previous_logits is not None and np.shape(previous_logits) == image.shape:
             previous = np.asarray(previous_logits) > 0
         if prompts.appearance is not None:
-            mask = _by_appearance(image, prompts.appearance, allowed, seeds, negatives, previous)
-            return Prediction(mask=mask, score=1.0 if mask.any() else 0.0, low_res_logits=None)
+            return _prediction(_by_appearance(image, prompts.appearance, allowed, seeds, negatives, previous))
         if prompts.box is not None:
             # A box says what the object looks like (its middle) and what it does not (just outside).
             appearance, middle = Appearance.from_box(image, allowed)
             # Inside a box drawn within the object, its middle looks like its outside: grow from the seeds.
             if appearance is not None and appearance.object_fraction(image, middle) >= 0.5:
-                positives = [tuple(p) for p, label in zip(prompts.points, prompts.labels) if label == 1]
-                mask = _by_appearance(image, appearance, allowed, positives, negatives, None, middle)
-                return Prediction(mask=mask, score=1.0 if mask.any() else 0.0, low_res_logits=None)
+                return _prediction(_by_appearance(image, appearance, allowed, positives, negatives, None, middle))
+        return _prediction(_region_grow(image, allowed, seeds, negatives, seed_radius))
 
-        mask = _region_grow(image, allowed, seeds, negatives, seed_radius)
-        return Prediction(mask=mask, score=1.0 if mask.any() else 0.0, low_res_logits=None)
+
+def _prediction(mask: np.ndarray) -> Prediction:
+    return Prediction(mask=mask, score=1.0 if mask.any() else 0.0, low_res_logits=None)
+
+
+def _pixels(points: list[tuple[float, float]], shape: tuple[int, int]) -> list[tuple[int, int]]:
+    """(row, col) of points (x, y) that fall on the image."""
+    rows, cols = shape
+    pixels = [(int(round(y)), int(round(x))) for x, y in points]
+    return [(r, c) for r, c in pixels if 0 <= r < rows and 0 <= c < cols]
+
+
+def _cut_around(mask: np.ndarray, negative_pixels: list[tuple[int, int]]) -> np.ndarray:
+    """The mask less a small disc around each negative pixel still inside it."""
+    yy, xx = np.ogrid[: mask.shape[0], : mask.shape[1]]
+    for r, c in negative_pixels:
+        if mask[r, c]:
+            mask = mask & ((yy - r) ** 2 + (xx - c) ** 2 > (2 * _SEED_RADIUS + 1) ** 2)
+    return mask
 
 
 def _region_grow(
     image: np.ndarray,
     allowed: np.ndarray,
     seeds: list[tuple[float, float]],
-    negatives: list[tuple[float, float]],
+    negative_pixels: list[tuple[int, int]],
     seed_radius: int,
 ) -> np.ndarray:
-    """Pixels connected to each seed within a tolerance of its neighbourhood's value; negatives shrink it."""
+    """Pixels connected to each seed within a tolerance of its neighbourhood's value; negative pixels (row, col)
+    shrink it."""
     import SimpleITK as sitk
 
     rows, cols = image.shape
@@ -124,7 +136,6 @@ def _region_grow(
         seed_stats.append((x, y, centre, max(_MIN_TOLERANCE, _NOISE_FACTOR * spread)))
 
     sitk_image = sitk.GetImageFromArray(np.where(allowed, image, np.float32(-10.0)).astype(np.float32))
-    negative_pixels = [(int(round(y)), int(round(x))) for x, y in negatives]
 
     mask = np.zeros(image.shape, dtype=bool)
     for step in range(_SHRINK_STEPS + 1):
@@ -141,12 +152,9 @@ def _region_grow(
                 upper=centre + tolerance * shrink,
             )
             mask |= sitk.GetArrayViewFromImage(grown).astype(bool)
-        if not any(mask[r, c] for r, c in negative_pixels if 0 <= r < rows and 0 <= c < cols):
+        if not any(mask[r, c] for r, c in negative_pixels):
             break
-    for r, c in negative_pixels:
-        if 0 <= r < rows and 0 <= c < cols and mask[r, c]:
-            yy, xx = np.ogrid[:rows, :cols]
-            mask &= (yy - r) ** 2 + (xx - c) ** 2 > (2 * _SEED_RADIUS + 1) ** 2
+    mask = _cut_around(mask, negative_pixels)
 
     filled = sitk.GetArrayFromImage(
         sitk.BinaryFillhole(sitk.GetImageFromArray(mask.astype(np.uint8)), fullyConnected=False)
@@ -158,7 +166,7 @@ def _region_grow(
             sitk.ConnectedComponent(sitk.GetImageFromArray(holes.astype(np.uint8)))
         )
         for r, c in negative_pixels:
-            if 0 <= r < rows and 0 <= c < cols and hole_labels[r, c]:
+            if hole_labels[r, c]:
                 filled[hole_labels == hole_labels[r, c]] = False
     return filled & allowed
 
@@ -168,7 +176,7 @@ def _by_appearance(
     appearance: Appearance,
     allowed: np.ndarray,
     positives: list[tuple[float, float]],
-    negatives: list[tuple[float, float]],
+    negative_pixels: list[tuple[int, int]],
     previous: np.ndarray | None,
     core: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -180,14 +188,8 @@ def _by_appearance(
     """
     rows, cols = image.shape
     seeds = [(int(np.clip(round(y), 0, rows - 1)), int(np.clip(round(x), 0, cols - 1))) for x, y in positives]
-    negative_pixels = [(int(round(y)), int(round(x))) for x, y in negatives]
-    negative_pixels = [(r, c) for r, c in negative_pixels if 0 <= r < rows and 0 <= c < cols]
     for threshold in _RATIO_STEPS:
         mask = appearance.locate(image, previous, allowed, seeds, threshold, core)
         if not any(mask[r, c] for r, c in negative_pixels):
             break
-    yy, xx = np.ogrid[:rows, :cols]
-    for r, c in negative_pixels:
-        if mask[r, c]:
-            mask &= (yy - r) ** 2 + (xx - c) ** 2 > (2 * _SEED_RADIUS + 1) ** 2
-    return mask
+    return _cut_around(mask, negative_pixels)

@@ -279,6 +279,18 @@ def test_bench_with_a_sam_model(tiny_sam):
     assert report["model"] == "sam_tiny" and report["torch_threads"] >= 1
 
 
+@pytest.mark.parametrize("model", ["sam_tiny", "medsam_tiny"])
+def test_bench_propagate_walks_every_slice_with_point_and_box_only_models(tiny_sam, model):
+    """A box-only model (MedSAM) is given the organ's box instead of a click: it used to stop at "draw a box"."""
+    env = {"MEDFM_CATALOG": os.environ["MEDFM_CATALOG"]}
+    result = run("bench", "--model", model, "--checkpoint", tiny_sam, "--device", "cpu", "--size", "64",
+                 "--propagate", "--slices", "6", "--json", env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["model"] == model and report["slices"] == 6
+    assert report["uncached_ms_p50"] > report["cached_ms_p50"] > 0
+
+
 def test_demo_writes_a_segmentation(tmp_path):
     result = run("demo", "--out-dir", tmp_path)
     assert result.returncode == 0, result.stderr

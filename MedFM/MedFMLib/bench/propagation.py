@@ -55,7 +55,12 @@ def run_propagation_benchmark(
 
     synchronize = device_synchronizer(engine)
     object_id = session.add_object()
-    session.add_point(object_id, centre)
+    if engine.prompt_types == ("box",):  # box-only models (MedSAM, LiteMedSAM): the organ's box on the middle slice
+        low, high = (size * 0.2, size * 0.25, slices / 2), (size * 0.8, size * 0.75, slices / 2)
+        corner = volume.ijk_to_ras_points(np.array([low, high]))
+        session.set_box(object_id, corner[0], corner[1])
+    else:
+        session.add_point(object_id, centre)
     if engine.device.startswith("cuda"):
         import torch
 

@@ -76,7 +76,8 @@ def create_engine(
             register_architecture(info.arch, SamArchitecture(**params))
         except TypeError as exc:
             raise ModelError(f"Catalog entry '{model}' has a bad sam_architecture: {exc}.") from None
-    resolved = resolve_device(device)
+    # OpenVINO runs on the CPU: asked for by name, "auto" must not pick a GPU it cannot use.
+    resolved = "cpu" if runtime == "openvino" and device == "auto" else resolve_device(device)
     if random_weights:
         torch.manual_seed(seed)
         network, weights_id = build_sam_model(get_architecture(info.arch)), f"random{seed}"

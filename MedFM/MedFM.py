@@ -566,16 +566,17 @@ class MedFMTest(ScriptedLoadableModuleTest):
         editorWidget.setCurrentSegmentID(segmentId)
         editorWidget.setActiveEffectByName("MedFM")
         effect = editorWidget.activeEffect().self()
+        controller = effect.controller
         position = [0.0, 0.0, 0.0]
         points.GetNthControlPointPositionWorld(0, position)
         redSliceNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
         redSliceNode.JumpSliceByCentering(*position)
-        effect.addPointPrompt(position, positive=True, sliceNode=redSliceNode)
-        effect.waitForEncoding()
-        preview = effect.previewMask().copy()
-        region = effect.sync.touched_region()
+        controller.addPoint(position, positive=True, sliceNode=redSliceNode)
+        self.assertTrue(effect.waitUntilIdle())
+        preview = controller.previewMask().copy()
+        region = controller.sync.touched_region()
         self.assertTrue(region.any())
-        effect.onApply()
+        effect.command("apply")
         written = segment_array(segmentationNode, segmentId, volume)
         # Apply writes exactly the preview, and only on the prompted slice.
         self.assertTrue(np.array_equal(written, preview & region))
@@ -583,15 +584,15 @@ class MedFMTest(ScriptedLoadableModuleTest):
         self.assertFalse(segment_array(segmentationNode, segmentId, volume).any())
         self.delayDisplay("MedFM effect: click, preview, apply and undo work")
         # Propagate both ways on the worker thread; the preview grows beyond the clicked slice.
-        effect.addPointPrompt(position, positive=True, sliceNode=redSliceNode)
-        effect.waitForEncoding()
-        single = effect.previewMask().copy()
-        effect.onPropagate("both")
-        effect.waitForPropagation()
-        self.assertIsNone(effect.job)
-        self.assertTrue(effect.previewMask().sum() >= single.sum())
-        if len(effect.session.objects[effect.objectId].slices) > 1:  # a random tiny model may stop at once
-            effect.onUndo()  # the whole propagation is one undo step
-            self.assertTrue(np.array_equal(effect.previewMask(), single))
-        effect.onCancel()
+        controller.addPoint(position, positive=True, sliceNode=redSliceNode)
+        self.assertTrue(effect.waitUntilIdle())
+        single = controller.previewMask().copy()
+        effect.command("propagate", "both")
+        self.assertTrue(effect.waitUntilIdle())
+        self.assertFalse(controller.propagating)
+        self.assertTrue(controller.previewMask().sum() >= single.sum())
+        if len(controller.session.objects[controller.objectId].slices) > 1:  # a random tiny model may stop at once
+            effect.command("undo")  # the whole propagation is one undo step
+            self.assertTrue(np.array_equal(controller.previewMask(), single))
+        effect.command("cancel")
         self.delayDisplay("MedFM effect: propagation and its undo work")

@@ -68,3 +68,20 @@ def test_extensions_index_entry():
     assert entry["build_dependencies"] == ["PyTorch"]
     assert entry["scm_url"].startswith("https://github.com/")
     assert {"$schema", "scm_revision", "tier"} <= set(entry)
+
+
+def test_the_effect_and_the_self_test_use_only_what_the_controller_has():
+    """The effect is a skin over InteractionController: every command and state it names must exist there."""
+    from MedFMLib.mrml.controller import InteractionController
+
+    offered = set(dir(InteractionController(logic=None, editorNode=None)))
+    for source in (MODULE / "SegmentEditorMedFMLib" / "SegmentEditorEffect.py", MODULE / "MedFM.py"):
+        text = source.read_text(encoding="utf-8")
+        tree = ast.parse(text)
+        named = set(re.findall(r"(?<!mrml\.)controller\.(\w+)", text)) | set(re.findall(r"command\(\"(\w+)\"", text))
+        for node in ast.walk(tree):  # the buttons' table: ("propagate", "up") and the like
+            if isinstance(node, ast.Dict):
+                named |= {v.elts[0].value for v in node.values if isinstance(v, ast.Tuple) and v.elts
+                          and isinstance(v.elts[0], ast.Constant) and isinstance(v.elts[0].value, str)}  # fmt: skip
+        assert named, source
+        assert named <= offered, f"{source.name} names what the controller lacks: {sorted(named - offered)}"

@@ -1,0 +1,231 @@
+"""Slicer's own slice views in a Qt widget: a slice logic, Slicer's displayable managers and interactor style.
+
+Each view draws the background volume through the slice logic's image (slicer-core has no CTK image
+renderer, so a ``vtkImageMapper`` shows it), and the segmentations, markups and crosshair through Slicer's
+displayable managers. Mouse presses in MedFM's modes go to the interaction controller; everything else
+(window/level, the wheel through slices, dragging control points) is Slicer's interactor style.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .scene import SLICE_DISPLAYABLE_MANAGERS, AppScene
+
+#: view name -> (slice node layout name, orientation)
+VIEWS = {"axial": ("Red", "Axial"), "sagittal": ("Yellow", "Sagittal"), "coronal": ("Green", "Coronal")}
+
+
+class SliceView:
+    """One slice view: ``widget`` is the Qt widget to put in a layout."""
+
+    def __init__(self, appScene: AppScene, view: str, parent=None) -> None:
+        import slicer
+        import vtk
+        self.appScene, self.view = appScene, view
+        layoutName, orientation = VIEWS[view]
+        self.widget = _render_widget(parent)
+        self.widget.setObjectName(f"{view}View")
+        self.renderWindow = self.widget.GetRenderWindow()
+        self.renderWindow.SetNumberOfLayers(2)
+        self.renderer = vtk.vtkRenderer()
+        self.renderer.GetActiveCamera().ParallelProjectionOn()
+        overlay = vtk.vtkRenderer()
+        overlay.SetLayer(1)
+        overlay.InteractiveOff()
+        overlay.SetActiveCamera(self.renderer.GetActiveCamera())
+        self.renderWindow.AddRenderer(self.renderer)
+        self.renderWindow.AddRenderer(overlay)
+        self.interactor = self.renderWindow.GetInteractor()
+        self.interactor.SetInteractorStyle(vtk.vtkInteractorStyleUser())
+
+        # The background image first, so that Slicer's layers draw over it.
+        self.logic = slicer.vtkMRMLSliceLogic()
+        self.logic.SetMRMLApplicationLogic(appScene.appLogic)
+        appScene.appLogic.GetSliceLogics().AddItem(self.logic)
+        self.logic.SetMRMLScene(appScene.scene)
+        self.sliceNode = self.logic.AddSliceNode(layoutName)
+        self.sliceNode.SetOrientation(orientation)
+        self.imageMapper = vtk.vtkImageMapper()
+        self.imageMapper.SetColorWindow(255.0)
+        self.imageMapper.SetColorLevel(127.5)
+        self.imageMapper.SetInputConnection(self.logic.GetImageDataConnection())
+        self.imageActor = vtk.vtkActor2D()
+        self.imageActor.SetMapper(self.imageMapper)
+        self.renderer.AddViewProp(self.imageActor)
+
+        factory = slicer.vtkMRMLSliceViewDisplayableManagerFactory.GetInstance()
+        for name in SLICE_DISPLAYABLE_MANAGERS:
+            if not factory.IsDisplayableManagerRegistered(name):
+                factory.RegisterDisplayableManager(name)
+        self.managers = slicer.vtkMRMLDisplayableManagerGroup()
+        self.managers.Initialize(factory, self.renderer)
+        self.managers.SetMRMLDisplayableNode(self.sliceNode)
+        self.style = slicer.vtkMRMLSliceViewInteractorStyle()
+        self.style.SetSliceLogic(self.logic)
+        self.style.SetDisplayableManagers(self.managers)
+        self.style.SetInteractor(self.interactor)
+
+        self._closed = False
+        self._observations = [
+            (self.logic, self.logic.AddObserver(vtk.vtkCommand.ModifiedEvent, self._onLogicModified)),
+            (self.managers, self.managers.AddObserver(vtk.vtkCommand.UpdateEvent, self._requestRender)),
+            (self.interactor, self.interactor.AddObserver(vtk.vtkCommand.ConfigureEvent, self._onResize)),
+        ]
+        #: MedFM's hooks: ``onPress(ras, sliceNode, shift)`` on a left press and ``onRelease(ras)`` on its
+        #: release, ``onKey(keySym)`` on a key; each returns True when MedFM took the event
+        self.onPress: Callable | None = None
+        self.onRelease: Callable | None = None
+        self.onKey: Callable[[str], bool] | None = None
+        self._eventFilter = _event_filter(self)
+        self.widget.installEventFilter(self._eventFilter)
+
+    # ------------------------------------------------------------- drawing
+    def _onLogicModified(self, *args) -> None:
+        # The logic rebuilds its pipeline when the layers change: follow its current output.
+        connection = self.logic.GetImageDataConnection()
+        if connection is not None and self.imageMapper.GetNumberOfInputConnections(0) == 0 or (
+            connection is not None and self.imageMapper.GetInputConnection(0, 0) is not connection
+        ):
+            self.imageMapper.SetInputConnection(connection)
+        self._requestRender()
+
+    def _requestRender(self, *args) -> None:
+        if not self._closed:
+            self.renderWindow.Render()
+
+    def _onResize(self, *args) -> None:
+        width, height = self.renderWindow.GetSize()
+        if width > 0 and height > 0 and not self._closed:
+            self.logic.ResizeSliceNode(width, height)
+            self.fit()
+
+    def fit(self) -> None:
+        self.logic.FitSliceToBackground()
+        self._requestRender()
+
+    def render(self) -> None:
+        self._requestRender()
+
+    def grabImage(self):
+        """What the view shows, as a QImage (VTK draws with OpenGL, which ``QWidget.grab`` does not see)."""
+        import vtk
+        from Qt import QtGui
+        from vtkmodules.util.numpy_support import vtk_to_numpy
+
+        self.renderWindow.Render()
+        width, height = self.renderWindow.GetSize()
+        data = vtk.vtkUnsignedCharArray()
+        self.renderWindow.GetPixelData(0, 0, width - 1, height - 1, 1, data, 0)
+        pixels = np.ascontiguousarray(vtk_to_numpy(data).reshape(height, width, -1)[::-1, :, :3])
+        return QtGui.QImage(pixels.data, width, height, 3 * width, QtGui.QImage.Format_RGB888).copy()
+
+    # --------------------------------------------------------- coordinates
+    def xyToRas(self, x: float, y: float) -> np.ndarray:
+        """RAS of a VTK display position (origin bottom left, device pixels) on this slice."""
+        matrix = self.sliceNode.GetXYToRAS()
+        return np.array(matrix.MultiplyPoint((float(x), float(y), 0.0, 1.0))[:3])
+
+    def rasToXy(self, ras) -> tuple[float, float]:
+        import vtk
+
+        inverse = vtk.vtkMatrix4x4()
+        vtk.vtkMatrix4x4.Invert(self.sliceNode.GetXYToRAS(), inverse)
+        x, y, _, _ = inverse.MultiplyPoint((*[float(v) for v in ras], 1.0))
+        return x, y
+
+    def rasToWidget(self, ras) -> tuple[int, int]:
+        """The widget pixel (Qt's, origin top left, logical pixels) where a RAS point is shown."""
+        x, y = self.rasToXy(ras)
+        ratio = self.widget.devicePixelRatioF() if hasattr(self.widget, "devicePixelRatioF") else 1.0
+        height = self.renderWindow.GetSize()[1]
+        return int(round(x / ratio)), int(round((height - 1 - y) / ratio))
+
+    def showSliceThrough(self, ras) -> None:
+        """Move this view's slice to the one through a RAS point (the view stays where it is in-plane)."""
+        self.sliceNode.JumpSliceByOffsetting(*[float(v) for v in ras])
+
+    # --------------------------------------------------------------- events
+    def widgetToRas(self, x: float, y: float) -> np.ndarray:
+        """RAS under a widget pixel (Qt's coordinates), as VTK's interactor converts them."""
+        ratio = self.widget.devicePixelRatioF() if hasattr(self.widget, "devicePixelRatioF") else 1.0
+        height = self.renderWindow.GetSize()[1]
+        return self.xyToRas(x * ratio, height - 1 - y * ratio)
+
+    def placing(self) -> bool:
+        """Whether Slicer's markups place mode is on (then a click places a markup, not a MedFM prompt)."""
+        node = self.appScene.interactionNode
+        return node.GetCurrentInteractionMode() == node.Place
+
+    # ---------------------------------------------------------------- close
+    def close(self) -> None:
+        """Detach everything VTK holds before the window goes (a render after that crashes Mesa)."""
+        if self._closed:
+            return
+        self._closed = True
+        for obj, tag in self._observations:
+            obj.RemoveObserver(tag)
+        self.interactor.RemoveAllObservers()
+        self.style.SetInteractor(None)
+        self.managers.SetMRMLDisplayableNode(None)
+        self.appScene.appLogic.GetSliceLogics().RemoveItem(self.logic)
+        self.logic.SetMRMLScene(None)
+        self.renderWindow.Finalize()
+
+
+def _event_filter(view: SliceView):
+    """A Qt event filter that gives left presses and keys to MedFM first; what MedFM leaves goes to VTK."""
+    from Qt import QtCore
+
+    class SliceViewEvents(QtCore.QObject):
+        pressTaken = False
+
+        def eventFilter(self, watched, event) -> bool:  # noqa: N802 (Qt's name)
+            kind = event.type()
+            if kind == QtCore.QEvent.MouseButtonPress and event.button() == QtCore.Qt.LeftButton:
+                self.pressTaken = False
+                if view.onPress is not None and not view.placing():
+                    position = event.position() if hasattr(event, "position") else event.pos()
+                    shift = bool(event.modifiers() & QtCore.Qt.ShiftModifier)
+                    ras = view.widgetToRas(position.x(), position.y())
+                    self.pressTaken = bool(view.onPress(ras, view.sliceNode, shift))
+                return self.pressTaken
+            if kind == QtCore.QEvent.MouseButtonRelease and event.button() == QtCore.Qt.LeftButton:
+                if self.pressTaken and view.onRelease is not None:
+                    position = event.position() if hasattr(event, "position") else event.pos()
+                    view.onRelease(view.widgetToRas(position.x(), position.y()))
+                taken, self.pressTaken = self.pressTaken, False
+                return taken
+            if kind == QtCore.QEvent.KeyPress and view.onKey is not None:
+                return bool(view.onKey(_key_sym(event)))
+            return False
+
+    return SliceViewEvents(view.widget)
+
+
+def _key_sym(event) -> str:
+    """VTK's name for a key (what the effect's shortcuts are written in)."""
+    from Qt import QtCore
+
+    special = {QtCore.Qt.Key_Return: "Return", QtCore.Qt.Key_Enter: "KP_Enter"}
+    return special.get(event.key(), event.text())
+
+
+def _render_widget(parent):
+    """VTK's Qt widget, resizing its render window through the window's own ``SetSize``.
+
+    VTK's widget calls the base class's ``SetSize``, which leaves an off-screen (OSMesa) window's pixel buffer
+    at its first size: reading the pixels back then ran past the buffer and crashed later, inside Mesa.
+    """
+    from vtkmodules.qt.QVTKRenderWindowInteractor import QVTKRenderWindowInteractor
+
+    class SliceViewWidget(QVTKRenderWindowInteractor):
+        def resizeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+            ratio = self.devicePixelRatioF()
+            width, height = int(round(ratio * self.width())), int(round(ratio * self.height()))
+            self._RenderWindow.SetSize(width, height)
+            super().resizeEvent(event)
+
+    return SliceViewWidget(parent)

@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.command import add_parser as add_evaluate_parser
 
     add_evaluate_parser(commands)
+    from .app.command import add_parser as add_app_parser
+
+    add_app_parser(commands)
 
     demo = commands.add_parser("demo", help="segment a generated sample volume and write the result")
     demo.add_argument("--out-dir", default="demo_output", help="folder for the sample and the result")
@@ -449,6 +452,12 @@ def _describe_unexpected(exc: BaseException) -> str:
     return f"internal error ({type(exc).__name__}: {text}); please report it, with MEDFM_DEBUG=1 for details."
 
 
+def _cmd_app(args) -> int:
+    from .app.command import cmd_app  # Qt only when the window is asked for
+
+    return cmd_app(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_join_negative_coordinates(sys.argv[1:] if argv is None else argv))
@@ -456,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .evaluation.command import cmd_evaluate
 
     handlers = {"segment": cmd_segment, "models": cmd_models, "bench": cmd_bench, "demo": cmd_demo, "serve": cmd_serve,
-                "evaluate": cmd_evaluate}  # fmt: skip
+                "evaluate": cmd_evaluate, "app": _cmd_app}  # fmt: skip
     if args.command is None:
         parser.print_help()
         return 2

@@ -69,6 +69,7 @@ class SliceView:
         self.style.SetInteractor(self.interactor)
 
         self._closed = False
+        self._renderPending = False
         self._observations = [
             (self.logic, self.logic.AddObserver(vtk.vtkCommand.ModifiedEvent, self._onLogicModified)),
             (self.managers, self.managers.AddObserver(vtk.vtkCommand.UpdateEvent, self._requestRender)),
@@ -93,6 +94,15 @@ class SliceView:
         self._requestRender()
 
     def _requestRender(self, *args) -> None:
+        # Many MRML events arrive per user action; draw once, when Qt's event loop is next idle (as Slicer does).
+        if not self._closed and not self._renderPending:
+            from Qt import QtCore
+
+            self._renderPending = True
+            QtCore.QTimer.singleShot(0, self.widget, self._renderNow)
+
+    def _renderNow(self) -> None:
+        self._renderPending = False
         if not self._closed:
             self.renderWindow.Render()
 
@@ -107,7 +117,8 @@ class SliceView:
         self._requestRender()
 
     def render(self) -> None:
-        self._requestRender()
+        """Draw now (scripts and screenshots); user actions schedule their drawing instead."""
+        self._renderNow()
 
     def grabImage(self):
         """What the view shows, as a QImage (VTK draws with OpenGL, which ``QWidget.grab`` does not see)."""

@@ -44,11 +44,26 @@ def app_settings() -> QtCore.QSettings:
     return QtCore.QSettings(str(Path(default_home()) / "app.ini"), QtCore.QSettings.IniFormat)
 
 
+def _load_torch_before_opengl() -> None:
+    """Import torch and triton (when installed) before VTK opens an OpenGL window.
+
+    Mesa's software renderer and torch's triton each bring their own LLVM; triton loaded after Mesa crashed
+    the process (a segmentation fault on `import torch`, as soon as a SAM-family model was chosen).
+    """
+    import importlib
+    import importlib.util
+
+    for name in ("torch", "triton"):  # triton's native library is what clashed; torch loads it late
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+
+
 class MedFMWindow(QtWidgets.QMainWindow):
     def __init__(self, interactive: bool = True, logic=None) -> None:
         super().__init__()
         from ..mrml.logic import SegmentationLogic
 
+        _load_torch_before_opengl()
         self.setWindowTitle("MedFM")
         self.setObjectName("MedFMWindow")
         self.setAcceptDrops(True)

@@ -1,0 +1,238 @@
+"""`medfm app`, headless, with real Qt mouse and key events on Slicer's own slice views (slicer-core).
+
+The window is the real one; clicks go where the RAS point is drawn in the view, as a user's would, and
+results are read back from the files the app saves (slicerio) and from the pixels it shows. Headless: Qt's
+offscreen platform, VTK drawing through OSMesa (Debian's libosmesa6, which `make test` installs as root).
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import json
+import os
+
+import numpy as np
+import pytest
+import slicerio
+
+from conftest import run_medfm, sphere_volume
+from MedFMLib.imaging.io import read_volume, write_volume
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before the QApplication exists
+os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkOSOpenGLRenderWindow")
+os.environ.setdefault("QT_LOGGING_RULES", "qt.qpa.*=false")
+
+pytestmark = pytest.mark.skipif(
+    ctypes.util.find_library("OSMesa") is None,
+    reason="the app's headless tests need the OSMesa library (Debian: apt install libosmesa6)",
+)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDFM_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def phantom(tmp_path):
+    volume, truth, centre = sphere_volume("oblique_anisotropic")
+    path = tmp_path / "sphere.nrrd"
+    write_volume(path, volume)
+    return path, volume, truth, centre
+
+
+@pytest.fixture
+def window(qapp, home, phantom):
+    from MedFMLib.app.window import MedFMWindow
+
+    made = MedFMWindow(interactive=False)
+    made.show()
+    qapp.processEvents()
+    assert made.openVolume(phantom[0])
+    yield made
+    made.unsaved = False
+    made.controller.cancel()
+    made.shutdown()
+    made.close()
+
+
+def replay(window, *actions):
+    from MedFMLib.app.replay import Replayer
+
+    Replayer(window, timeoutSeconds=120).run([*actions, {"action": "wait"}])
+
+
+def saved_segments(window, path) -> dict:
+    """name -> (K, J, I) mask, read back from the saved .seg.nrrd with slicerio."""
+    from MedFMLib.app.files import read_segments
+
+    assert window.save(path), window.lastMessage
+    assert slicerio.read_segmentation(str(path))["segments"]  # Slicer's own reader opens it
+    return {segment.name: segment.mask for segment in read_segments(path, window.volume)}
+
+
+def ijk(volume, ras) -> np.ndarray:
+    return np.linalg.solve(volume.ijk_to_ras[:3, :3], np.asarray(ras) - volume.ijk_to_ras[:3, 3])
+
+
+AXIS_OF_VIEW = {"axial": 2, "coronal": 1, "sagittal": 0}  # this phantom's IJK axis nearest each view's normal
+
+
+@pytest.mark.parametrize("view", ["axial", "coronal", "sagittal"])
+def test_a_click_at_the_centre_in_each_view_saves_exactly_that_cross_section(window, phantom, tmp_path, view):
+    _, volume, truth, centre = phantom
+    replay(window, {"action": "click", "view": view, "ras": list(centre)}, {"action": "key", "key": "Return"})
+    assert window.lastMessage == "Applied."
+    saved = saved_segments(window, tmp_path / "out.seg.nrrd")["Segment_1"]
+    axis = AXIS_OF_VIEW[view]
+    index = int(round(ijk(volume, centre)[axis]))
+    selector = [slice(None)] * 3
+    selector[2 - axis] = index
+    expected = np.zeros_like(truth)
+    expected[tuple(selector)] = truth[tuple(selector)]
+    np.testing.assert_array_equal(saved, expected)
+
+
+def test_shift_click_is_negative_and_undo_takes_it_back(window, phantom):
+    _, volume, truth, centre = phantom
+    replay(window, {"action": "click", "ras": list(centre)})
+    whole = window.controller.previewMask().copy()
+    edge = volume.ijk_to_ras[:3, :3] @ (ijk(volume, centre) + [5.0, 0.0, 0.0]) + volume.ijk_to_ras[:3, 3]
+    replay(window, {"action": "click", "ras": list(edge), "negative": True})
+    assert window.controller.negativeNode.GetNumberOfControlPoints() == 1
+    assert window.controller.previewMask().sum() < whole.sum()
+    replay(window, {"action": "key", "key": "z"})
+    np.testing.assert_array_equal(window.controller.previewMask(), whole)
+    assert window.controller.negativeNode.GetNumberOfControlPoints() == 0
+
+
+def test_a_drag_moves_a_point_with_slicers_markups(window, phantom):
+    _, volume, truth, centre = phantom
+    replay(window, {"action": "click", "ras": list(centre)})
+    target = volume.ijk_to_ras[:3, :3] @ (ijk(volume, centre) + [3.0, 2.0, 0.0]) + volume.ijk_to_ras[:3, 3]
+    replay(window, {"action": "drag", "view": "axial", "from": list(centre), "to": list(target)})
+    moved = [0.0, 0.0, 0.0]
+    window.controller.positiveNode.GetNthControlPointPositionWorld(0, moved)
+    assert window.controller.positiveNode.GetNumberOfControlPoints() == 1  # moved, not a second point
+    assert np.linalg.norm(np.subtract(moved, target)[:2]) < 1.5, (moved, target)
+    assert window.controller.previewMask().any()
+
+
+def test_a_box_then_propagation_with_progress_and_stop(window, phantom):
+    _, volume, truth, centre = phantom
+    low, high = centre - [11.0, 11.0, 0.0], centre + [11.0, 11.0, 0.0]  # drawn in the axial view's plane
+    replay(window, {"action": "box", "view": "axial", "from": list(low), "to": list(high)})
+    assert window.controller.roiNode.GetNumberOfControlPoints() == 1
+    k = int(round(ijk(volume, centre)[2]))
+    assert window.controller.previewMask()[k].sum() > 0.8 * truth[k].sum()
+    window.buttons["propagate-both"].trigger()
+    assert window.controller.propagating and window.progress.isVisibleTo(window)
+    window.buttons["stop"].trigger()
+    replay(window)
+    assert not window.controller.propagating and not window.progress.isVisibleTo(window)
+    assert "slices" in window.lastMessage or "stopped" in window.lastMessage.lower()
+    window.buttons["propagate-both"].trigger()
+    replay(window)
+    preview = window.controller.previewMask()
+    assert 2 * (preview & truth).sum() / (preview.sum() + truth.sum()) > 0.85
+
+
+def test_apply_save_and_reopen_to_refine(window, phantom, tmp_path, qapp):
+    from MedFMLib.app.window import MedFMWindow
+
+    path, volume, truth, centre = phantom
+    replay(window, {"action": "click", "ras": list(centre)}, {"action": "key", "key": "Return"})
+    saved = saved_segments(window, tmp_path / "work.seg.nrrd")
+    labelmap = tmp_path / "work.nii.gz"
+    assert window.save(labelmap)
+    np.testing.assert_array_equal(read_volume(labelmap).array > 0, saved["Segment_1"])
+    second = MedFMWindow(interactive=False)
+    try:
+        assert second.openVolume(path) and second.openSegmentation(tmp_path / "work.seg.nrrd")
+        from MedFMLib.mrml.bridge import segment_array
+
+        names = [second.segmentsPanel.list.item(i).text() for i in range(second.segmentsPanel.list.count())]
+        assert "Segment_1" in names
+        segment_id = second.segmentationNode.GetSegmentation().GetSegmentIdBySegmentName("Segment_1")
+        np.testing.assert_array_equal(segment_array(second.segmentationNode, segment_id, volume), saved["Segment_1"])
+    finally:
+        second.shutdown()
+        second.close()
+
+
+def test_bad_files_get_one_line_and_nothing_open_is_lost(window, phantom, tmp_path):
+    import SimpleITK as sitk
+
+    replay(window, {"action": "click", "ras": list(phantom[3])})
+    preview = window.controller.previewMask().copy()
+    junk = tmp_path / "notes.nrrd"
+    junk.write_text("not an image")
+    assert not window.openVolume(junk) and "Cannot read notes.nrrd" in window.lastMessage
+    rgb = tmp_path / "photo.nrrd"
+    sitk.WriteImage(sitk.Image([8, 8, 4], sitk.sitkVectorUInt8, 3), str(rgb))
+    assert not window.openVolume(rgb) and "values per voxel" in window.lastMessage
+    other, _, _ = sphere_volume("ras_aligned")
+    write_volume(tmp_path / "other_label.nrrd", other)
+    assert not window.openSegmentation(tmp_path / "other_label.nrrd") and "does not match" in window.lastMessage
+    assert window.volume.name == "sphere.nrrd"
+    np.testing.assert_array_equal(window.controller.previewMask(), preview)  # the work in progress is still there
+    assert not window.openVolume(phantom[0]) and "unsaved work" in window.lastMessage  # never dropped unasked
+
+
+def test_a_model_change_goes_to_the_new_model(window, phantom, tiny_sam):
+    window.logic.store.import_file(tiny_sam, "sam_tiny")
+    window.modelPanel.fillModels(window.logic.modelNames(), "sam_tiny")
+    window.modelPanel.device.setCurrentText("cpu")
+    replay(window, {"action": "click", "ras": list(phantom[3])})
+    assert window.controller.modelDescription.startswith("sam_tiny on cpu")
+    assert window.settings.value("modelName") == "sam_tiny"  # settings persist
+
+
+def test_the_screenshot_shows_the_segment_where_it_was_clicked(window, phantom, tmp_path):
+    from Qt import QtGui
+
+    _, volume, truth, centre = phantom
+    replay(window, {"action": "click", "ras": list(centre)}, {"action": "key", "key": "Return"},
+           {"action": "screenshot", "path": str(tmp_path / "shot.png")})  # fmt: skip
+    image = QtGui.QImage(str(tmp_path / "shot.png"))
+    view = window.views["axial"]
+    x, y = view.rasToWidget(centre)
+    origin = view.widget.mapTo(window, view.widget.rect().topLeft())
+    inside = QtGui.QColor(image.pixel(origin.x() + x, origin.y() + y))
+    corner = QtGui.QColor(image.pixel(origin.x() + 3, origin.y() + 3))
+    red, green, blue = inside.red(), inside.green(), inside.blue()
+    assert green > red + 10 and green > blue + 10, (red, green, blue)  # Segment_1's green over the white sphere
+    assert corner.red() == corner.green() == corner.blue() < 40  # dark background, no segment
+
+
+def test_closing_and_reopening_the_window(qapp, home, phantom):
+    from MedFMLib.app.window import MedFMWindow
+
+    for _ in range(2):
+        window = MedFMWindow(interactive=False)
+        window.show()
+        assert window.openVolume(phantom[0])
+        qapp.processEvents()
+        window.close()
+        qapp.processEvents()
+        assert window.views["axial"]._closed
+
+
+def test_medfm_app_replays_a_script_and_saves(phantom, tmp_path, home):
+    path, volume, truth, centre = phantom
+    actions = tmp_path / "actions.json"
+    actions.write_text(json.dumps([{"action": "click", "view": "axial", "ras": list(centre)},
+                                   {"action": "key", "key": "Return"}]))  # fmt: skip
+    out, shot = tmp_path / "out.seg.nrrd", tmp_path / "shot.png"
+    result = run_medfm("app", path, "--replay", actions, "--save", out, "--screenshot", shot, "--exit",
+                       env={"MEDFM_HOME": str(home), "QT_QPA_PLATFORM": "offscreen"})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert shot.stat().st_size > 10_000
+    segmentation = slicerio.read_segmentation(str(out))
+    assert [s["name"] for s in segmentation["segments"]] == ["Segment_1"]
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"action": "dance"}]')
+    result = run_medfm("app", path, "--replay", bad, "--exit", env={"MEDFM_HOME": str(home)})
+    assert result.returncode == 1 and "'action' must be one of" in result.stderr
+    assert "Traceback" not in result.stderr

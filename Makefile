@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint mutants bench bench-sam bench-server clean
+.PHONY: demo test lint mutants bench bench-sam bench-server app screenshots system-packages clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,9 +14,19 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 # sam2's optional CUDA extension is skipped: MedFM does its own hole filling.
-$(VENV)/.full: $(VENV)/.base
-	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q -e ".[sam,sam2,server,openvino,evaluate,test]"
+$(VENV)/.full: $(VENV)/.base pyproject.toml
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q -e ".[sam,sam2,server,openvino,evaluate,app,test]"
 	touch $@
+
+# What the app's headless tests draw with: OSMesa (VTK) and the X/xcb libraries Qt's plugins link to.
+# Installed when this runs as root on Debian/Ubuntu; elsewhere the app's tests skip, naming the library.
+SYSTEM_PACKAGES = libosmesa6 libgl1 libegl1 libxkbcommon0 libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 \
+	libxcb-shape0 libxcb-xinerama0 libxkbcommon-x11-0 libfontconfig1 libdbus-1-3
+system-packages:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null); \
+	else echo "make: not root on Debian: install $(SYSTEM_PACKAGES) for the app's tests"; fi
 
 demo: $(VENV)/.base
 	$(VENV)/bin/medfm demo --out-dir demo_output
@@ -24,7 +34,7 @@ demo: $(VENV)/.base
 lint: $(VENV)/.full
 	$(PY) -m ruff check MedFM Testing
 
-test: lint
+test: lint system-packages
 	$(PY) -m pytest -q
 
 # Deliberate bugs that the suite must catch, one at a time (Testing/mutation_check.py); about 15 minutes.
@@ -48,6 +58,15 @@ bench-server: $(VENV)/.full
 		>/dev/null 2>&1 && break; sleep 0.3; done; \
 	MEDFM_TOKEN=$(BENCH_TOKEN) $(VENV)/bin/medfm bench --server http://127.0.0.1:8765 --model $(BENCH_MODEL) \
 		--random-weights --device cpu
+
+# The desktop app on the demo volume (a window; headless machines get Qt's offscreen platform).
+app: $(VENV)/.full
+	$(VENV)/bin/medfm demo --out-dir demo_output >/dev/null
+	$(VENV)/bin/medfm app demo_output/demo_ct.nrrd
+
+# The README's pictures of the app, made by replaying clicks through the real window.
+screenshots: $(VENV)/.full system-packages
+	$(PY) Resources/make_screenshots.py
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache .ruff_cache bench-server.log

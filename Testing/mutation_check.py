@@ -112,6 +112,17 @@ MUTANTS = [
            ("Testing/interaction/test_propagation.py::test_a_click_off_the_propagated_range_borrows_the_nearest_box",)),
     Mutant("classic-ignores-appearance", LIB + "engines/classic.py", "        if prompts.appearance is not None:",
            "        if False:", ("Testing/interaction/test_real_propagation.py",)),
+    Mutant("controller-drag-decodes-at-every-move", LIB + "mrml/controller.py",
+           "        if self._dragSince is None:\n            self._dragSince = self.clock()",
+           "        self.requestSync()", ("Testing/mrml/test_controller.py",)),
+    Mutant("controller-apply-ignores-masking", LIB + "mrml/controller.py",
+           "                editor_node=self.editorNode,", "                editor_node=None,",
+           ("Testing/mrml/test_controller.py",)),
+    Mutant("controller-no-repropagation", LIB + "mrml/controller.py",
+           "        if corrected:", "        if False:", ("Testing/mrml/test_controller.py",)),
+    Mutant("app-click-in-the-wrong-place", LIB + "app/views.py",
+           "        return self.xyToRas(x * ratio, height - 1 - y * ratio)",
+           "        return self.xyToRas(x * ratio, y * ratio)", ("Testing/app/test_app.py",)),
 ]
 
 

@@ -236,3 +236,137 @@ def test_medfm_app_replays_a_script_and_saves(phantom, tmp_path, home):
     result = run_medfm("app", path, "--replay", bad, "--exit", env={"MEDFM_HOME": str(home)})
     assert result.returncode == 1 and "'action' must be one of" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_segment_list_adds_renames_hides_and_deletes(window, phantom):
+    from Qt import QtCore
+
+    panel = window.segmentsPanel
+    segmentation = window.segmentationNode.GetSegmentation()
+    second = panel.addSegment()
+    assert segmentation.GetNumberOfSegments() == 2 and window.editorNode.GetSelectedSegmentID() == second
+    item = panel.list.item(1)
+    item.setText("tumour")  # what a double-click edit does
+    assert segmentation.GetSegment(second).GetName() == "tumour"
+    item.setCheckState(QtCore.Qt.Unchecked)
+    assert not window.segmentationNode.GetDisplayNode().GetSegmentVisibility(second)
+    replay(window, {"action": "click", "ras": list(phantom[3])}, {"action": "key", "key": "Return"})
+    assert window.unsaved and "*" in window.windowTitle()
+    panel.list.setCurrentRow(1)
+    panel.deleteSegment()
+    assert segmentation.GetNumberOfSegments() == 1 and segmentation.GetSegment(second) is None
+
+
+def test_the_app_segments_on_a_server(window, phantom, start_server):
+    from conftest import SERVER_TOKEN
+
+    server = start_server(["--models", "classic"])
+    window.connectServer(server.url, SERVER_TOKEN)
+    assert window.lastMessage == f"Models run on {server.url}."
+    assert window.modelPanel.licence.text() == "runs on the server"
+    replay(window, {"action": "click", "ras": list(phantom[3])})
+    assert window.controller.modelDescription == f"classic on cpu at {server.url}"
+    point = [0.0, 0.0, 0.0]
+    window.controller.positiveNode.GetNthControlPointPositionWorld(0, point)
+    k = int(round(ijk(phantom[1], point)[2]))  # the slice the click's point lies on
+    mask = window.controller.previewMask()
+    assert mask[k].sum() == phantom[2][k].sum() == mask.sum(), (mask.sum(axis=(1, 2)).nonzero(), k)
+    window.connectServer("http://127.0.0.1:9", SERVER_TOKEN)  # nothing listens there: one line, still usable
+    assert "127.0.0.1:9" in window.lastMessage
+
+
+def _send_mouse(widget, kind, x, y, buttons, button=None):
+    from Qt import QtCore, QtGui, QtWidgets
+
+    point = QtCore.QPointF(x, y)
+    button = button if button is not None else (QtCore.Qt.NoButton if kind == QtCore.QEvent.MouseMove else
+                                                QtCore.Qt.LeftButton)  # fmt: skip
+    event = QtGui.QMouseEvent(kind, point, widget.mapToGlobal(point), button, buttons, QtCore.Qt.NoModifier)
+    QtWidgets.QApplication.sendEvent(widget, event)
+    QtWidgets.QApplication.processEvents()
+
+
+def test_navigation_wheel_through_slices_and_window_level_by_drag(window, phantom):
+    from Qt import QtCore, QtGui, QtWidgets
+
+    view = window.views["axial"]
+    widget = view.widget
+    before = view.sliceNode.GetSliceOffset()
+    centre = QtCore.QPointF(widget.width() / 2, widget.height() / 2)
+    _send_mouse(widget, QtCore.QEvent.MouseMove, centre.x(), centre.y(), QtCore.Qt.NoButton)
+    wheel = QtGui.QWheelEvent(centre, widget.mapToGlobal(centre), QtCore.QPoint(0, 0), QtCore.QPoint(0, 120),
+                              QtCore.Qt.NoButton, QtCore.Qt.NoModifier, QtCore.Qt.NoScrollPhase, False)  # fmt: skip
+    QtWidgets.QApplication.sendEvent(widget, wheel)
+    QtWidgets.QApplication.processEvents()
+    assert view.sliceNode.GetSliceOffset() != before  # Slicer's interactor style moved the slice
+    display = window.volumeNode.GetDisplayNode()
+    window_before = display.GetWindow()
+    window.setMode("navigate")
+    x, y = centre.x(), centre.y()
+    _send_mouse(widget, QtCore.QEvent.MouseButtonPress, x, y, QtCore.Qt.LeftButton)
+    for step in range(1, 6):
+        _send_mouse(widget, QtCore.QEvent.MouseMove, x + 12 * step, y, QtCore.Qt.LeftButton)
+    _send_mouse(widget, QtCore.QEvent.MouseButtonRelease, x + 60, y, QtCore.Qt.NoButton)
+    assert display.GetWindow() != window_before  # window/level by drag
+    assert window.controller.positiveNode.GetNumberOfControlPoints() == 0  # navigating adds no prompt
+    window.setWindowPreset("brain")
+    assert (display.GetWindow(), display.GetLevel()) == (80.0, 40.0)
+
+
+def test_a_dropped_file_opens_and_a_checkpoint_is_imported(window, phantom, tmp_path, tiny_sam):
+    from Qt import QtCore, QtGui, QtWidgets
+
+    from MedFMLib.imaging.io import SegmentData, write_segmentation
+
+    _, volume, truth, _ = phantom
+    write_segmentation(tmp_path / "prior.seg.nrrd", [SegmentData("prior", truth)], volume)
+    data = QtCore.QMimeData()
+    data.setUrls([QtCore.QUrl.fromLocalFile(str(tmp_path / "prior.seg.nrrd"))])
+    enter = QtGui.QDragEnterEvent(QtCore.QPoint(50, 50), QtCore.Qt.CopyAction, data, QtCore.Qt.LeftButton,
+                                  QtCore.Qt.NoModifier)  # fmt: skip
+    assert QtWidgets.QApplication.sendEvent(window, enter) and enter.isAccepted()
+    drop = QtGui.QDropEvent(QtCore.QPointF(50, 50), QtCore.Qt.CopyAction, data, QtCore.Qt.LeftButton,
+                            QtCore.Qt.NoModifier)  # fmt: skip
+    QtWidgets.QApplication.sendEvent(window, drop)
+    assert window.segmentationNode.GetSegmentation().GetSegmentIdBySegmentName("prior")
+    window.modelPanel.fillModels(window.logic.modelNames(), "sam_tiny")
+    assert "not downloaded" in window.modelPanel.licence.text() and window.modelPanel.download.isEnabled()
+    window.importModel(str(tiny_sam), "sam_tiny")
+    assert "ready" in window.modelPanel.licence.text() and not window.modelPanel.download.isEnabled()
+
+
+def test_download_with_progress_from_a_local_http_server(window, tmp_path, tiny_sam, monkeypatch):
+    """The model chooser's Download, against a real HTTP server on 127.0.0.1 serving the official-format file."""
+    import hashlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    payload = tiny_sam.read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        catalog = json.loads(tiny_sam.with_name("catalog.json").read_text())
+        entry = next(e for e in catalog["models"] if e["name"] == "sam_tiny")
+        entry["url"] = f"http://127.0.0.1:{httpd.server_address[1]}/sam_tiny.pth"
+        entry["sha256"] = hashlib.sha256(payload).hexdigest()
+        path = tmp_path / "catalog.json"
+        path.write_text(json.dumps(catalog))
+        monkeypatch.setenv("MEDFM_CATALOG", str(path))
+        window.modelPanel.fillModels(window.logic.modelNames(), "sam_tiny")
+        assert "not downloaded" in window.modelPanel.licence.text()
+        assert window.downloadModel("sam_tiny")
+        assert "ready" in window.modelPanel.licence.text() and window.logic.isModelReady("sam_tiny")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -155,8 +155,16 @@ class SliceView:
         return int(round(x / ratio)), int(round((height - 1 - y) / ratio))
 
     def showSliceThrough(self, ras) -> None:
-        """Move this view's slice to the one through a RAS point (the view stays where it is in-plane)."""
-        self.sliceNode.JumpSliceByOffsetting(*[float(v) for v in ras])
+        """Move this view's slice to the plane through a RAS point (in-plane, the view stays where it is)."""
+        ras = [float(v) for v in ras]
+        self.sliceNode.JumpSliceByOffsetting(*ras)
+        # Slicer may snap the offset to the volume's slices; a script's click must land where it was asked.
+        matrix = self.sliceNode.GetSliceToRAS()
+        normal = np.array([matrix.GetElement(row, 2) for row in range(3)])
+        origin = np.array([matrix.GetElement(row, 3) for row in range(3)])
+        distance = float(normal @ (np.asarray(ras) - origin))
+        if abs(distance) > 1e-4:
+            self.sliceNode.SetSliceOffset(self.sliceNode.GetSliceOffset() + distance)
 
     # --------------------------------------------------------------- events
     def widgetToRas(self, x: float, y: float) -> np.ndarray:

@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 from Qt import QtCore, QtGui, QtWidgets
 
 from ..errors import MedFMError
-from ..mrml.controller import ControllerSettings, InteractionController
+from ..mrml.controller import KEY_ACTIONS, MODES, ControllerSettings, InteractionController
 from .panels import ModelPanel, SegmentsPanel
 from .scene import create_app_scene
 from .views import VIEWS, SliceView
@@ -113,6 +112,8 @@ class MedFMWindow(QtWidgets.QMainWindow):
         tools = self.addToolBar("Tools")
         tools.setObjectName("tools")
         tools.addAction("Open…", self.openVolumeDialog).setObjectName("open")
+        tools.addAction("Open DICOM…", self.openDicomDialog).setObjectName("open-dicom")
+        tools.addAction("Open segmentation…", self.openSegmentationDialog).setObjectName("open-segmentation")
         tools.addAction("Save…", self.saveDialog).setObjectName("save")
         tools.addSeparator()
         self.modeActions = {}
@@ -200,6 +201,10 @@ class MedFMWindow(QtWidgets.QMainWindow):
 
     def setMode(self, mode: str) -> None:
         self.navigating = mode == "navigate"
+        interaction = self.appScene.interactionNode
+        # Navigating, the left button adjusts window/level, as in Slicer's window/level mouse mode.
+        mode_id = interaction.AdjustWindowLevel if self.navigating else interaction.ViewTransform
+        interaction.SetCurrentInteractionMode(mode_id)
         if not self.navigating:
             self.controller.setMode(mode)
         self.modeActions[mode].setChecked(True)
@@ -224,8 +229,8 @@ class MedFMWindow(QtWidgets.QMainWindow):
             return True
         taken = self.controller.handleKey(keySym)
         if taken:
-            self.modeActions[self.controller.mode].setChecked(not self.navigating)
-            self.navigating = False if keySym in ("p", "n", "b") else self.navigating
+            if KEY_ACTIONS.get(keySym) in MODES:  # P, N, B also leave Navigate
+                self.setMode(self.controller.mode)
             self.refresh()
         return taken
 
@@ -265,8 +270,8 @@ class MedFMWindow(QtWidgets.QMainWindow):
         dialog = QtWidgets.QProgressDialog(f"Downloading {modelName}…", "Cancel", 0, 100, self)
         dialog.setWindowModality(QtCore.Qt.WindowModal)
 
-        def progress(done: int, total: int | None) -> None:
-            dialog.setValue(int(100 * done / total) if total else 0)
+        def progress(report) -> None:  # a models.download.Progress: bytes done and in all
+            dialog.setValue(int(100 * report.bytes_done / report.bytes_total) if report.bytes_total else 0)
             QtWidgets.QApplication.processEvents()
 
         try:
@@ -303,6 +308,17 @@ class MedFMWindow(QtWidgets.QMainWindow):
                                                         "*.mha *.mhd *.dcm);;All files (*)")  # fmt: skip
         if path:
             self.openVolume(path)
+
+    def openDicomDialog(self) -> None:
+        folder = QtWidgets.QFileDialog.getExistingDirectory(self, "Open a DICOM series folder")
+        if folder:
+            self.openVolume(folder)
+
+    def openSegmentationDialog(self) -> None:
+        path, _ = QtWidgets.QFileDialog.getOpenFileName(self, "Open a segmentation of this volume", "",
+                                                        "Segmentations (*.seg.nrrd *.nrrd *.nii *.nii.gz)")  # fmt: skip
+        if path:
+            self.openSegmentation(path)
 
     def openVolume(self, path: str | os.PathLike) -> bool:
         """Load a volume (a file or a DICOM folder) with a new segmentation; what was open stays on failure."""
@@ -456,7 +472,3 @@ class MedFMWindow(QtWidgets.QMainWindow):
             view.close()
         self.appScene.close()
 
-
-def rasOf(volume, ijk) -> np.ndarray:
-    """RAS of a voxel index (I, J, K) of a volume: for scripts and tests."""
-    return volume.ijk_to_ras[:3, :3] @ np.asarray(ijk, float) + volume.ijk_to_ras[:3, 3]

@@ -96,9 +96,7 @@ class InteractionController:
         self._deviceOverride: tuple[str, str] | None = None  # (the device chosen, the one used instead)
 
     # ------------------------------------------------------------------ state
-    @property
-    def scene(self):
-        return self.editorNode.GetScene()
+    scene = property(lambda self: self.editorNode.GetScene())
 
     @property
     def settings(self) -> ControllerSettings:
@@ -110,9 +108,7 @@ class InteractionController:
             self._deviceOverride = None
         return settings
 
-    @property
-    def propagating(self) -> bool:
-        return self.job is not None
+    propagating = property(lambda self: self.job is not None)
 
     @property
     def busy(self) -> bool:
@@ -249,7 +245,10 @@ class InteractionController:
             self.encoder.stop()
             self.encoder = None
         if self.session is not None and hasattr(self.session, "close"):
-            self.session.close()  # a remote session: free the server's memory now
+            try:
+                self.session.close()  # a remote session: free the server's memory now
+            except MedFMError:
+                pass  # the server is gone: it frees the session when it expires
         self.session = self.sessionKey = None
 
     def _sessionOrReport(self):
@@ -472,8 +471,15 @@ class InteractionController:
 
         self.encoding = False
         if self.session is not None:
-            self.session.remove_object(self.objectId)
-            self.objectId = self.session.add_object()
+            try:
+                self.session.remove_object(self.objectId)
+                self.objectId = self.session.add_object()
+            except MedFMError as error:  # a server that went away: start afresh on the next click
+                self.setStatus(str(error))
+                self._closeSession()
+                self.removeMarkups()
+                self.ensureMarkups()
+                return
             self.sync = PromptSync(self.session, self.objectId)
             self._afterHistoryChange()
 

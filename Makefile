@@ -20,12 +20,13 @@ $(VENV)/.full: $(VENV)/.base pyproject.toml
 
 # What the app's headless tests draw with: OSMesa (VTK) and the X/xcb libraries Qt's plugins link to.
 # Installed when this runs as root on Debian/Ubuntu; elsewhere the app's tests skip, naming the library.
-SYSTEM_PACKAGES = libosmesa6 libgl1 libegl1 libxkbcommon0 libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 \
-	libxcb-shape0 libxcb-xinerama0 libxkbcommon-x11-0 libfontconfig1 libdbus-1-3
+SYSTEM_PACKAGES = libosmesa6 libgl1 libegl1 libx11-6 libxkbcommon0 libglib2.0-0 libfontconfig1 libfreetype6 \
+	libdbus-1-3
 system-packages:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null); \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null) || \
+		echo "make: could not install $(SYSTEM_PACKAGES): the app's tests will skip and say what is missing"; \
 	else echo "make: not root on Debian: install $(SYSTEM_PACKAGES) for the app's tests"; fi
 
 demo: $(VENV)/.base

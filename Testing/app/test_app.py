@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes.util
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,10 +24,21 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before the QApplication
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkOSOpenGLRenderWindow")
 os.environ.setdefault("QT_LOGGING_RULES", "qt.qpa.*=false")
 
-pytestmark = pytest.mark.skipif(
-    ctypes.util.find_library("OSMesa") is None,
-    reason="the app's headless tests need the OSMesa library (Debian: apt install libosmesa6)",
-)
+def _headless_qt_problem() -> str | None:
+    """Why a headless Qt window with VTK cannot open here (a missing system library), or None."""
+    if ctypes.util.find_library("OSMesa") is None:
+        return "the OSMesa library is missing (Debian: apt install libosmesa6)"
+    probe = "from Qt import QtWidgets; QtWidgets.QApplication([])"
+    environment = {**os.environ, "QT_LOGGING_RULES": ""}  # let Qt name the library it misses
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=environment)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip() and "setParent" not in line]
+        return f"Qt's offscreen platform does not start: {lines[0] if lines else result.returncode}"
+    return None
+
+
+_PROBLEM = _headless_qt_problem()
+pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=f"the app's headless tests need a platform: {_PROBLEM}")
 
 
 @pytest.fixture

@@ -216,8 +216,9 @@ class InteractionController:
         if self.session is not None and key == self.sessionKey:
             return self.session
         volume = volume_from_node(volumeNode)
+        said = self.status
         if not logic.isRemote and not self.prepareModel(settings.modelName):
-            if not self.status:
+            if self.status == said:  # the front end said nothing of why
                 self.setStatus(f"{settings.modelName} is not ready: download it in the MedFM module.")
             return None
         self._closeSession()

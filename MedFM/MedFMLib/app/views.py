@@ -107,10 +107,12 @@ class SliceView:
             self.renderWindow.Render()
 
     def _onResize(self, *args) -> None:
+        # Only the view's size changes: the slice and what is in view stay (re-fitting here moved the slice
+        # back to the volume's middle whenever a panel changed size, under the user's next click).
         width, height = self.renderWindow.GetSize()
         if width > 0 and height > 0 and not self._closed:
             self.logic.ResizeSliceNode(width, height)
-            self.fit()
+            self._requestRender()
 
     def fit(self) -> None:
         self.logic.FitSliceToBackground()

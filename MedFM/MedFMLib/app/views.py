@@ -87,10 +87,10 @@ class SliceView:
     def _onLogicModified(self, *args) -> None:
         # The logic rebuilds its pipeline when the layers change: follow its current output.
         connection = self.logic.GetImageDataConnection()
-        if connection is not None and self.imageMapper.GetNumberOfInputConnections(0) == 0 or (
-            connection is not None and self.imageMapper.GetInputConnection(0, 0) is not connection
-        ):
-            self.imageMapper.SetInputConnection(connection)
+        mapper = self.imageMapper
+        if connection is not None and (mapper.GetNumberOfInputConnections(0) == 0
+                                       or mapper.GetInputConnection(0, 0) is not connection):  # fmt: skip
+            mapper.SetInputConnection(connection)
         self._requestRender()
 
     def _requestRender(self, *args) -> None:

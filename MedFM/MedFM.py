@@ -252,7 +252,7 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             status = "not downloaded yet" + (f": {note}" if note else "")
         if info.prompts == ("box",):  # MedSAM-style models: say so before the user clicks in vain
             status += " — box prompts only: draw a box around the object"
-        self.ui.modelStatusLabel.text = status
+        self.ui.modelStatusLabel.text = f"{info.kind_label} model · {status}"
         commercial = "commercial use allowed" if info.commercial_use else "NON-COMMERCIAL use only"
         note = f" {info.license_note}" if info.license_note else ""
         self.ui.modelLicenseLabel.text = f'{info.license}, {commercial}.{note} <a href="{info.homepage}">Homepage</a>'
@@ -267,7 +267,8 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def showRemoteModelStatus(self, name):
         """A server's model: its state there and its licence; weights and devices are the server's business."""
         model = self.logic.serverModels().get(name, {})
-        self.ui.modelStatusLabel.text = f"on the server: {model.get('state', 'not offered')}"
+        kind = "3D" if model.get("kind") == "volume" else "slice"
+        self.ui.modelStatusLabel.text = f"{kind} model · on the server: {model.get('state', 'not offered')}"
         commercial = "commercial use allowed" if model.get("commercial_use") else "NON-COMMERCIAL use only"
         self.ui.modelLicenseLabel.text = f"{model.get('license', '?')}, {commercial}."
         for button in (self.ui.downloadModelButton, self.ui.importModelButton, self.ui.removeModelButton,
@@ -407,7 +408,7 @@ class MedFMLogic(ScriptedLoadableModuleLogic):
 
     def ensureDependencies(self, engineName, askConfirmation=True):
         """Install what an engine needs, after asking: torch through the PyTorch extension, the rest by pip."""
-        from MedFMLib.models.dependencies import describe, install_plan, missing_requirements
+        from MedFMLib.models.dependencies import describe, install_plan, missing_requirements, pip_commands
 
         missing = missing_requirements(engineName)
         if not missing:
@@ -438,8 +439,8 @@ class MedFMLogic(ScriptedLoadableModuleLogic):
                 return False
         if pipSpecifiers:
             with slicer.util.displayPythonShell(), slicer.util.tryWithErrorDisplay("Installing packages failed."):
-                # --no-deps: segment-anything must not pull a torch of pip's choosing over PyTorchUtils' one.
-                slicer.util.pip_install(["--no-deps", *pipSpecifiers])
+                for arguments in pip_commands(missing):  # never a torch of pip's choosing over PyTorchUtils' one
+                    slicer.util.pip_install(arguments)
         return not missing_requirements(engineName)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from MedFMLib.imaging.phantoms import Ellipsoid, make_ijk_to_ras, render
-from MedFMLib.testing import write_tiny_sam2_catalog, write_tiny_sam_catalog
+from MedFMLib.testing import write_tiny_sam2_catalog, write_tiny_sam_catalog, write_tiny_volume_catalog
 
 GEOMETRIES = {
     # name: (spacing, origin, rotation in degrees, axis signs)
@@ -162,6 +162,25 @@ def tiny_sam_catalog(tmp_path_factory) -> Path:
 def tiny_sam2_catalog(tmp_path_factory) -> Path:
     """A catalog file with a tiny SAM 2.1, its checkpoint saved as the official files are ({"model": ...})."""
     return write_tiny_sam2_catalog(tmp_path_factory.mktemp("tiny_sam2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_volume_catalog(tmp_path_factory) -> Path:
+    """A catalog with a tiny nnInteractive model folder and a tiny VISTA3D checkpoint, in the official layouts."""
+    return write_tiny_volume_catalog(tmp_path_factory.mktemp("tiny_3d"))
+
+
+@pytest.fixture
+def tiny_volume_models(tiny_volume_catalog, tmp_path, monkeypatch) -> Path:
+    """The tiny 3D models imported into a fresh MEDFM_HOME, their catalog active; returns the home."""
+    from MedFMLib.models.store import ModelStore
+
+    monkeypatch.setenv("MEDFM_CATALOG", str(tiny_volume_catalog))
+    monkeypatch.setenv("MEDFM_HOME", str(tmp_path / "home"))
+    store = ModelStore(tmp_path / "home")
+    store.import_file(tiny_volume_catalog.parent / "nninteractive_tiny", "nninteractive_tiny")
+    store.import_file(tiny_volume_catalog.parent / "vista3d_tiny.pt", "vista3d_tiny")
+    return tmp_path / "home"
 
 
 @pytest.fixture

@@ -98,13 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     intensity = segment.add_mutually_exclusive_group()
     intensity.add_argument("--window", metavar="W,L", help="intensity window width and level")
     intensity.add_argument("--preset", help="CT window preset: soft_tissue, lung, bone, brain")
+    segment.add_argument("--scribble", action="append", default=[], metavar="FILE",
+                         help="3D models: a drawn stroke (Slicer markups curve .mrk.json, or JSON list of RAS points)")
+    segment.add_argument("--negative-scribble", action="append", default=[], metavar="FILE",
+                         help="3D models: a stroke over background")
+    segment.add_argument("--lasso", action="append", default=[], metavar="FILE",
+                         help="3D models: a closed curve on one slice around the object (markups or JSON points)")
+    segment.add_argument("--class", dest="classes", action="append", default=[], metavar="NAME",
+                         help="models with class prompts (vista3d): e.g. liver; several, or `everything`, "
+                              "give one named segment each")  # fmt: skip
     segment.add_argument("--name", default="Segment_1", help="segment name in the output")
     _add_server_options(segment, "run the model on this MedFM server (e.g. https://gpu-server:8000)")
     segment.add_argument("--out", required=True, help="output: .seg.nrrd, .nrrd or .nii.gz")
 
     models = commands.add_parser("models", help="list, download, import, verify and remove models")
-    models.add_argument("action", nargs="?", default="list", choices=["list", "download", "import", "verify", "remove"])
-    models.add_argument("target", nargs="?", help="model name (download, verify, remove) or file (import)")
+    models.add_argument("action", nargs="?", default="list",
+                        choices=["list", "info", "download", "import", "verify", "remove"])
+    models.add_argument("target", nargs="?", help="model name (info, download, verify, remove) or file or folder "
+                                                  "(import)")  # fmt: skip
     models.add_argument("--name", help="import: the name to store the checkpoint under")
     models.add_argument("--arch", help="import: architecture of a custom checkpoint, e.g. sam_vit_b")
     models.add_argument("--all", action="store_true", help="remove: every downloaded model")
@@ -206,9 +217,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     points = [parse_ras(p) for p in args.point]
     negatives = [parse_ras(p) for p in args.negative]
     boxes = [parse_ras(text, count=6) for text in args.box]
-    if not points and not boxes:
+    volume_model = _is_volume_model(args)
+    if not volume_model and (args.classes or args.scribble or args.negative_scribble or args.lasso):
+        raise MedFMError(f"--class, --scribble and --lasso need a 3D model (nninteractive, vista3d), not {args.model}.")
+    if not points and not boxes and not volume_model:
         raise MedFMError("Give at least one --point or a --box to segment.")
     volume = read_volume(args.input)
+    if volume_model:
+        return _segment_in_3d(args, volume, points, negatives, boxes)
     window = None
     if args.window:
         window = parse_window(args.window)
@@ -265,6 +281,46 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_volume_model(args: argparse.Namespace) -> bool:
+    if args.server:
+        offered = {m.get("name"): m for m in connect(args).models()}
+        return offered.get(args.model, {}).get("kind") == "volume"
+    from .models.store import ModelStore
+
+    return ModelStore().info(args.model).kind == "volume"
+
+
+def _segment_in_3d(args: argparse.Namespace, volume, points, negatives, boxes) -> int:
+    from .imaging.io import write_output
+    from .segment_volume import segment_with_volume_engine
+
+    if args.server:
+        from .remote.volume_client import RemoteVolumeSession
+
+        if args.checkpoint:
+            raise MedFMError("--checkpoint does not apply with --server: the server has its own models.")
+        session = RemoteVolumeSession(connect(args), volume, args.model)
+        engine, where = session.engine, f"{session.engine.device} at {args.server}"
+    else:
+        from .engines import create_engine
+        from .interaction.volume_session import VolumeSession
+
+        engine = create_engine(args.model, checkpoint=args.checkpoint, device=args.device, progress=ProgressBar())
+        session, where = VolumeSession(volume, engine), engine.device
+    try:
+        segments = segment_with_volume_engine(args, session, boxes, points, negatives)
+    finally:
+        session.close()
+    written = write_output(args.out, segments, volume)
+    voxel_ml = abs(np.linalg.det(volume.ijk_to_ras[:3, :3])) / 1000.0
+    count = sum(int(s.mask.sum()) for s in segments)
+    print(f"wrote {written} ({len(segments)} segment(s), {count} voxels, {count * voxel_ml:.2f} mL) with "
+          f"{engine.model_name} on {where}")  # fmt: skip
+    if count == 0:
+        print("medfm: warning: the mask is empty; try another point or class.", file=sys.stderr)
+    return 0
+
+
 def spans_slices(volume, corner_a, corner_b, view: str) -> bool:
     """Whether two box corners lie on different slices of the view: then the box is a 3D box."""
     from .imaging.geometry import resolve_axis
@@ -289,10 +345,11 @@ def cmd_models(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(models, indent=2))
             return 0
-        print(f"{'NAME':<24} {'STATE':<16} {'COMMERCIAL':<10} LICENCE")
+        print(f"{'NAME':<24} {'STATE':<16} {'KIND':<7} {'COMMERCIAL':<10} LICENCE")
         for info in models:
             commercial = "yes" if info["commercial_use"] else "NO"
-            print(f"{info['name']:<24} {info['state']:<16} {commercial:<10} {info['license']}")
+            kind = "3D" if info.get("kind") == "volume" else "slice"
+            print(f"{info['name']:<24} {info['state']:<16} {kind:<7} {commercial:<10} {info['license']}")
         return 0
     store = ModelStore()
     if args.action == "list":
@@ -305,7 +362,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             ]
             print(json.dumps(listed, indent=2, default=list))
             return 0
-        print(f"{'NAME':<24} {'STATUS':<14} {'SIZE':>9}  {'COMMERCIAL':<10} {'PROMPTS':<14} LICENCE")
+        print(f"{'NAME':<24} {'STATUS':<14} {'SIZE':>9}  {'KIND':<12} {'COMMERCIAL':<10} {'PROMPTS':<14} LICENCE")
         for name, info in models.items():
             state = states[name]
             if not info.needs_weights:
@@ -319,7 +376,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             licence = info.license + (" *" if info.license_note else "")
             prompts = ",".join(info.prompts) or "-"
             commercial = "yes" if info.commercial_use else "NO"
-            print(f"{name:<24} {status:<14} {size:>9}  {commercial:<10} {prompts:<14} {licence}")
+            print(f"{name:<24} {status:<14} {size:>9}  {info.kind_label:<12} {commercial:<10} {prompts:<14} {licence}")
         if any(info.license_note for info in models.values()):
             print("* licence to confirm before commercial use: see `medfm models list --json`")
         for name, state in states.items():
@@ -327,6 +384,8 @@ def cmd_models(args: argparse.Namespace) -> int:
                 print(f"{name}: {state.message}")
         print(f"models folder: {store.models_dir}")
         return 0
+    if args.action == "info":
+        return _model_info(store, args.target)
     if args.action == "download":
         if not args.target:
             raise MedFMError("Name the model to download, e.g. `medfm models download sam_vit_b`.")
@@ -371,6 +430,28 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{name}: kept: {exc}")
     if kept:
         raise MedFMError(f"{kept} file(s) were not put there by MedFM and were kept; see above.")
+    return 0
+
+
+def _model_info(store, name: str | None) -> int:
+    """Everything the catalog says of one model, its file's state, and its class prompts."""
+    if not name:
+        raise MedFMError("Name the model, e.g. `medfm models info vista3d`.")
+    info, state = store.info(name), store.state(name)
+    print(f"{name}: {info.description}")
+    print(f"  kind: {info.kind_label}; prompts: {', '.join(info.prompts)}; engine: {info.engine} ({info.arch})")
+    print(f"  licence: {info.license} ({'commercial use allowed' if info.commercial_use else 'NON-COMMERCIAL'})")
+    for text in (info.license_note, info.source_note, info.classes_note, info.download_note):
+        if text:
+            print(f"  {text}")
+    print(f"  homepage: {info.homepage}")
+    print(f"  file: {state.label} ({state.message}); {store.path(name) if info.needs_weights else 'built in'}")
+    if "class" in info.prompts:
+        from .engines.volumetric import class_table
+
+        table = class_table(info.engine)
+        names = sorted(entry["name"] for entry in table["labels"])
+        print(f"  classes ({len(names)}; `everything` = {len(table['everything'])} of them): {', '.join(names)}")
     return 0
 
 

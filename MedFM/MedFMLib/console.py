@@ -24,6 +24,28 @@ class SliceProgress:
             self.stream.write("\n")
 
 
+class StepProgress:
+    """Progress of a counted task on one stderr line: ``label [####    ] done/total``."""
+
+    def __init__(self, label: str, stream=None) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.stream.isatty() or total <= 0:
+            return
+        bar = "#" * int(30 * done / total)
+        self.stream.write(f"\r{self.label} [{bar:<30}] {done}/{total}")
+        self.stream.flush()
+        self.shown = _UNFINISHED_LINE[0] = True
+
+    def finish(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            _UNFINISHED_LINE[0] = False
+
+
 class ProgressBar:
     """A download progress bar on stderr (bytes, total, rate)."""
 

@@ -115,3 +115,37 @@ def write_tiny_sam2_catalog(folder: str | Path, seed: int = 1234) -> Path:
     catalog = folder / "catalog.json"
     catalog.write_text(json.dumps({"format": 1, "models": [entry]}), encoding="utf-8")
     return catalog
+
+
+def write_tiny_volume_catalog(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny nnInteractive model folder and a tiny VISTA3D checkpoint, with a catalog that names them.
+
+    ``nninteractive_tiny``: a 4-stage residual-encoder U-Net (64³ patch) in nnInteractive's own folder layout,
+    AutoZoom off (random weights would zoom out at every click); ``vista3d_tiny``: MONAI's VISTA3D with
+    ``encoder_embed_dim=8`` (6M parameters, the full model's key names). Import them with
+    ``ModelStore.import_file(folder / "nninteractive_tiny", "nninteractive_tiny")`` and
+    ``import_file(folder / "vista3d_tiny.pt", "vista3d_tiny")``.
+    """
+    from .engines.nninteractive import write_random_model_folder
+    from .engines.vista3d import save_random_vista3d
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_random_model_folder(folder / "nninteractive_tiny", size="tiny", seed=seed)
+    save_random_vista3d(folder / "vista3d_tiny.pt", embed_dim=8, seed=seed)
+    base = "https://example.invalid/nninteractive/"
+    common = {"task": "medical", "license": "CC-BY-NC-SA-4.0", "commercial_use": False,
+              "homepage": "https://example.invalid/tests"}  # fmt: skip
+    entries = [
+        dict(common, name="nninteractive_tiny", engine="nninteractive", arch="nnInteractive_v1.0",
+             prompts=["point", "box", "scribble", "lasso", "mask"], filename="checkpoint_final.pth",
+             subfolder="fold_0", url=base + "fold_0/checkpoint_final.pth",
+             companions=[{"path": name, "url": base + name}
+                         for name in ("plans.json", "dataset.json", "inference_session_class.json")],
+             engine_options={"autozoom": False}),
+        dict(common, name="vista3d_tiny", engine="vista3d", arch="vista3d132", prompts=["point", "class", "mask"],
+             filename="vista3d_tiny.pt", license="NVIDIA-OneWay-Noncommercial", engine_options={"embed_dim": 8}),
+    ]  # fmt: skip
+    catalog = folder / "catalog.json"
+    catalog.write_text(json.dumps({"format": 1, "models": entries}), encoding="utf-8")
+    return catalog

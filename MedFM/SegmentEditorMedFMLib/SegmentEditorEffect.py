@@ -38,8 +38,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return (
             "<html>Segment with a foundation model (choose it in the MedFM module).<br>"
             "<b>Left-click</b>: a point on the object (<b>P</b>); <b>Shift+click</b> or mode <b>N</b>: a point "
-            "on what is not the object; mode <b>B</b>: drag a box. Drag points to move them, right-click to "
-            "delete. <b>Z</b>/<b>Y</b>: undo/redo a prompt, <b>Enter</b>: apply.</html>"
+            "on what is not the object; mode <b>B</b>: drag a box; <b>S</b>: scribble, <b>L</b>: lasso (Shift: "
+            "background). Drag points to move them, right-click to delete. <b>Z</b>/<b>Y</b>: undo/redo a "
+            "prompt, <b>Enter</b>: apply. 3D models (nnInteractive, VISTA3D) answer in 3D: no propagation.</html>"
         )
 
     # --------------------------------------------------------------- options
@@ -49,7 +50,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.addOptionsWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         self.modeButtons = {"positive": self.ui.positiveButton, "negative": self.ui.negativeButton,
-                            "box": self.ui.boxButton}  # fmt: skip
+                            "box": self.ui.boxButton, "scribble": self.ui.scribbleButton,
+                            "lasso": self.ui.lassoButton}  # fmt: skip
         group = qt.QButtonGroup(uiWidget)
         group.setExclusive(True)
         for mode, button in self.modeButtons.items():
@@ -69,6 +71,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.ui.propagateRoiButton: ("propagateWithinBox",),
             self.ui.cancelPropagationButton: ("cancelPropagation",),
         }
+        self.ui.classButton.clicked.connect(lambda: self.command("setClass", self.ui.classComboBox.currentText))
         for button, call in commands.items():
             button.clicked.connect(lambda checked=False, call=call: self.command(*call))
         self.pollTimer = qt.QTimer()
@@ -97,6 +100,20 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         for button in (self.ui.propagateUpButton, self.ui.propagateDownButton, self.ui.propagateBothButton,
                        self.ui.propagateRoiButton):  # fmt: skip
             button.enabled = controller.canPropagate
+            button.toolTip = "The model answers in 3D already: nothing to propagate" if controller.volumetric else ""
+        self.refreshClassChooser()
+
+    def refreshClassChooser(self):
+        """Class prompts where the chosen model takes them (VISTA3D), with its classes to choose from."""
+        from MedFMLib.engines.volumetric import class_table
+
+        name = self.controller.settings.modelName
+        info = None if self.logic.isRemote else self.logic.store.info(name)
+        takesClasses = "class" in (info.prompts if info is not None else self.logic.serverModels().get(name, {}).get(
+            "prompts", []))  # fmt: skip
+        self.ui.classLabel.visible = self.ui.classComboBox.visible = self.ui.classButton.visible = takesClasses
+        if takesClasses and info is not None and self.ui.classComboBox.count == 0:
+            self.ui.classComboBox.addItems(sorted(entry["name"] for entry in class_table(info.engine)["labels"]))
 
     # ------------------------------------------------------------- lifecycle
     def activate(self):
@@ -171,6 +188,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             sliceNode = viewWidget.sliceLogic().GetSliceNode()
             with slicer.util.WaitCursor():  # the first click may load a model or upload the volume
                 handled = self.controller.pressAt(ras, sliceNode, shift=bool(callerInteractor.GetShiftKey()))
+        elif eventId == vtk.vtkCommand.MouseMoveEvent:
+            handled = self.controller.moveAt(self.scriptedEffect.xyToRas(callerInteractor.GetEventPosition(),
+                                                                         viewWidget))  # fmt: skip
         elif eventId == vtk.vtkCommand.LeftButtonReleaseEvent:
             handled = self.controller.releaseAt(self.scriptedEffect.xyToRas(callerInteractor.GetEventPosition(),
                                                                             viewWidget))  # fmt: skip

@@ -33,12 +33,23 @@ class ModelPanel(QtWidgets.QGroupBox):
         self.server = QtWidgets.QLineEdit(objectName="serverUrl", placeholderText="https://server:8000 (empty: local)")
         self.token = QtWidgets.QLineEdit(objectName="serverToken", echoMode=QtWidgets.QLineEdit.Password)
         self.connectButton = QtWidgets.QPushButton("Connect", objectName="connectButton")
+        # Class prompts (VISTA3D): a class name, then the model segments it in the whole volume.
+        self.classChooser = QtWidgets.QComboBox(objectName="classChooser", editable=True)
+        self.classButton = QtWidgets.QPushButton("Segment class", objectName="classButton")
+        self.classRow = QtWidgets.QWidget()
+        classLayout = QtWidgets.QHBoxLayout(self.classRow)
+        classLayout.setContentsMargins(0, 0, 0, 0)
+        classLayout.addWidget(self.classChooser, 1)
+        classLayout.addWidget(self.classButton)
+        self.classRow.setVisible(False)
+        self.classButton.clicked.connect(lambda: window.command("setClass", self.classChooser.currentText()))
         buttons = QtWidgets.QHBoxLayout()
         buttons.addWidget(self.download)
         buttons.addWidget(self.importButton)
         form.addRow("Model", self.model)
         form.addRow("", self.licence)
         form.addRow("", buttons)
+        form.addRow("Class", self.classRow)
         form.addRow("Device", self.device)
         form.addRow("Intensity", self.intensity)
         form.addRow("Runtime", self.runtime)
@@ -61,6 +72,8 @@ class ModelPanel(QtWidgets.QGroupBox):
         self.model.blockSignals(True)
         self.model.clear()
         self.model.addItems(names)
+        for index, name in enumerate(names):
+            self.model.setItemData(index, self.kindOf(name), QtCore.Qt.ToolTipRole)
         self.model.setCurrentText(chosen if chosen in names else (names[0] if names else ""))
         self.model.blockSignals(False)
         self.showModel(self.model.currentText())
@@ -72,13 +85,43 @@ class ModelPanel(QtWidgets.QGroupBox):
         self.settings.setValue("modelName", name)
         logic = self.window.logic
         if logic.isRemote:
-            self.licence.setText("runs on the server")
+            self.licence.setText(f"{self.kindOf(name)} · runs on the server")
             self.download.setEnabled(False)
             return
         info = logic.store.info(name)
         ready = logic.isModelReady(name)
-        self.licence.setText(f"{info.license} licence · {'ready' if ready else 'not downloaded'}")
+        commercial = "" if info.commercial_use else " · NON-COMMERCIAL"
+        self.licence.setText(f"{self.kindOf(name)} · {info.license} licence{commercial} · "
+                             f"{'ready' if ready else 'not downloaded'}")  # fmt: skip
         self.download.setEnabled(not ready)
+
+    def kindOf(self, name: str) -> str:
+        """slice, 3D, or 3D + classes: which tools the model's answers come from."""
+        from ..mrml.volume_commands import modelKind
+
+        logic = self.window.logic
+        info = logic.serverModels().get(name, {}) if logic.isRemote else logic.store.info(name)
+        return modelKind(info)
+
+    def showTools(self, controller) -> None:
+        """Offer class prompts where the chosen model takes them, with its classes to choose from."""
+        name = self.model.currentText()
+        logic = self.window.logic
+        if logic.isRemote:
+            prompts = logic.serverModels().get(name, {}).get("prompts", [])
+            engine = getattr(controller.session, "engine", None)
+            classes = sorted(getattr(engine, "classes", {}) or {})
+        else:
+            from ..engines.volumetric import class_table
+
+            info = logic.store.info(name) if name else None
+            prompts = info.prompts if info is not None else ()
+            classes = sorted(entry["name"] for entry in class_table(info.engine)["labels"]) if info else []
+        takesClasses = "class" in prompts
+        if [self.classChooser.itemText(i) for i in range(self.classChooser.count())] != classes:
+            self.classChooser.clear()
+            self.classChooser.addItems(classes)
+        self.classRow.setVisible(takesClasses)
 
     def importModel(self) -> None:
         name = self.model.currentText()

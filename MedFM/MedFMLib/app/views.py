@@ -75,9 +75,11 @@ class SliceView:
             (self.managers, self.managers.AddObserver(vtk.vtkCommand.UpdateEvent, self._requestRender)),
             (self.interactor, self.interactor.AddObserver(vtk.vtkCommand.ConfigureEvent, self._onResize)),
         ]
-        #: MedFM's hooks: ``onPress(ras, sliceNode, shift)`` on a left press and ``onRelease(ras)`` on its
-        #: release, ``onKey(keySym)`` on a key; each returns True when MedFM took the event
+        #: MedFM's hooks: ``onPress(ras, sliceNode, shift)`` on a left press, ``onMove(ras)`` while it is held
+        #: (strokes), ``onRelease(ras)`` on its release, ``onKey(keySym)`` on a key; each returns True when
+        #: MedFM took the event
         self.onPress: Callable | None = None
+        self.onMove: Callable | None = None
         self.onRelease: Callable | None = None
         self.onKey: Callable[[str], bool] | None = None
         self._eventFilter = _event_filter(self)
@@ -219,6 +221,9 @@ def _event_filter(view: SliceView):
                     view.onRelease(view.widgetToRas(position.x(), position.y()))
                 taken, self.pressTaken = self.pressTaken, False
                 return taken
+            if kind == QtCore.QEvent.MouseMove and self.pressTaken and view.onMove is not None:
+                position = event.position() if hasattr(event, "position") else event.pos()
+                return bool(view.onMove(view.widgetToRas(position.x(), position.y())))
             if kind == QtCore.QEvent.KeyPress and view.onKey is not None:
                 return bool(view.onKey(_key_sym(event)))
             return False

@@ -33,6 +33,7 @@ BUTTONS = {
     "cancel": ("Cancel", "cancel", (), "Drop the preview and prompts; the segment stays as it was"),
 }
 MODE_LABELS = {"positive": "+ Point (P)", "negative": "− Point (N, Shift+click)", "box": "Box (B)",
+               "scribble": "Scribble (S, Shift: background)", "lasso": "Lasso (L, Shift: background)",
                "navigate": "Navigate (window/level by drag)"}  # fmt: skip
 
 
@@ -104,6 +105,7 @@ class MedFMWindow(QtWidgets.QMainWindow):
         for view in self.views.values():
             view.onPress = self._onPress
             view.onRelease = self._onRelease
+            view.onMove = lambda ras: self.controller.moveAt(ras)
             view.onKey = self._onKey
             layout.addWidget(view.widget)
         self.setCentralWidget(self.viewArea)
@@ -197,6 +199,9 @@ class MedFMWindow(QtWidgets.QMainWindow):
         self.buttons["stop"].setEnabled(controller.propagating)
         for name in ("propagate-down", "propagate-both", "propagate-up", "propagate-box"):
             self.buttons[name].setEnabled(controller.canPropagate)
+            self.buttons[name].setToolTip(BUTTONS[name][3] if not controller.volumetric else
+                                          "The model answers in 3D already: nothing to propagate")  # fmt: skip
+        self.modelPanel.showTools(controller)
         self.setWindowTitle(f"MedFM — {self.volume.name if self.volume else 'no volume'}{' *' if self.unsaved else ''}")
 
     def setMode(self, mode: str) -> None:

@@ -50,6 +50,8 @@ def create_engine(
         return ClassicEngine()
     if info.engine == "sam2":
         return _create_sam2_engine(info, checkpoint, device, random_weights, seed, store, progress)
+    if info.kind == "volume":
+        return _create_volume_engine(info, checkpoint, device, random_weights, seed, store, progress)
     if info.engine != "sam":
         raise ModelError(f"Model '{model}' needs the '{info.engine}' engine, which this MedFM does not have.")
     try:
@@ -95,6 +97,52 @@ def create_engine(
     if resolve_runtime(runtime, resolved) == "openvino":
         engine.use_openvino(store.home / "openvino", fast=fast, notify=notify)
     return engine
+
+
+_EXTRAS = {"vista3d": ("monai", "vista3d"), "nninteractive": ("nnInteractive", "nninteractive")}
+
+
+def _create_volume_engine(info, checkpoint, device, random_weights, seed, store, progress):
+    """nnInteractive or VISTA3D: a native 3D engine (``volumetric.VolumeEngine``)."""
+    module, extra = _EXTRAS[info.engine]
+    try:
+        import torch
+
+        __import__(module)
+    except ImportError as exc:
+        raise ModelError(
+            f"Model '{info.name}' needs PyTorch and {module} ({exc.name} is missing); "
+            f"install them with: pip install 'medfm[{extra}]'"
+        ) from None
+    options = dict(info.engine_options or {})
+    resolved = resolve_device(device)
+    if info.engine == "vista3d":
+        from .vista3d import Vista3DEngine, build_vista3d_network, load_vista3d_network
+
+        embed_dim = int(options.get("embed_dim", 48))
+        if random_weights:
+            torch.manual_seed(seed)
+            network = build_vista3d_network(embed_dim)
+        else:
+            path = Path(checkpoint) if checkpoint is not None else store.checkpoint(info.name, progress=progress)
+            network = load_vista3d_network(path, embed_dim=embed_dim)
+        return Vista3DEngine(network, device=resolved, model_name=info.name)
+    from .nninteractive import NNInteractiveEngine, write_random_model_folder
+
+    autozoom = bool(options.get("autozoom", True))
+    if random_weights:
+        # Random weights send AutoZoom into minutes of zooming out: benchmarks run without it.
+        folder = store.home / "random-models" / f"{info.name}-{seed}"
+        if not (folder / "plans.json").is_file():
+            write_random_model_folder(folder, size=options.get("random_size", "full"), seed=seed)
+        autozoom = False
+    elif checkpoint is not None:
+        folder = Path(checkpoint)
+        folder = folder if folder.is_dir() else folder.parent.parent  # given fold_0/checkpoint_final.pth
+    else:
+        store.checkpoint(info.name, progress=progress)
+        folder = store.folder(info.name)
+    return NNInteractiveEngine.from_folder(folder, device=resolved, autozoom=autozoom, model_name=info.name)
 
 
 def _create_sam2_engine(info, checkpoint, device, random_weights, seed, store, progress) -> Engine:

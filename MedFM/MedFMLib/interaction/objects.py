@@ -128,6 +128,10 @@ class SessionObjects:
                 result.append(state.box)
         return result
 
+    def has_prompts(self, object_id: int) -> bool:
+        """Whether the object has any prompt (or a propagated slice) yet."""
+        return bool(self._object(object_id).slices)
+
     def roi(self, object_id: int) -> np.ndarray | None:
         """The eight RAS corners of the object's 3D box, if it has one."""
         return next((s.roi_corners for s in self._object(object_id).slices.values() if s.roi_corners is not None), None)

@@ -18,6 +18,8 @@ from ..errors import ModelError
 from ..home import default_home
 
 CATALOG_PATH = Path(__file__).with_name("catalog.json")
+#: engines that segment the whole volume at once
+VOLUME_ENGINES = ("nninteractive", "vista3d")
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,30 @@ class ModelInfo:
     package: dict | None = None
     #: where this copy comes from when it is not the authors' own (a redistribution by a third party)
     source_note: str | None = None
+    #: a folder inside the model's folder that holds the weights file (nnInteractive's ``fold_0``)
+    subfolder: str | None = None
+    #: small files the model needs beside its weights (plans, label tables): {"path", "url"}; hashes recorded
+    companions: tuple[dict, ...] = ()
+    #: engine settings of this entry (VISTA3D's embed_dim, nnInteractive's autozoom)
+    engine_options: dict | None = None
+    #: class prompts the model takes, by name, for `medfm models info`
+    classes_note: str | None = None
 
     @property
     def needs_weights(self) -> bool:
         return self.engine != "classic"
+
+    @property
+    def kind(self) -> str:
+        """"volume" for native 3D models (the answer is 3D), "slice" for 2D models (3D by propagation)."""
+        return "volume" if self.engine in VOLUME_ENGINES else "slice"
+
+    @property
+    def kind_label(self) -> str:
+        """What the model lists show: slice, 3D, or 3D + classes."""
+        if self.kind == "slice":
+            return "slice"
+        return "3D + classes" if "class" in self.prompts else "3D"
 
     @property
     def source(self) -> str | None:
@@ -82,14 +104,28 @@ def check_safe_name(kind: str, value: object, entry: str) -> str:
     return value
 
 
+def check_safe_path(value: object, entry: str) -> str:
+    """A relative path of plain components (``fold_0/plans.json``), else one clear error."""
+    if not isinstance(value, str) or not value:
+        raise ModelError(f"The catalog entry {entry!r} has a companion file without a path; fix the catalog.")
+    for part in value.split("/"):
+        check_safe_name("companion path", part, entry)
+    return value
+
+
 def _parse_entry(entry: dict) -> ModelInfo:
     name = check_safe_name("name", entry.get("name"), str(entry.get("name")))
     if entry.get("filename") is not None:
         check_safe_name("file name", entry["filename"], name)
+    if entry.get("subfolder") is not None:
+        check_safe_name("folder", entry["subfolder"], name)
+    for companion in entry.get("companions") or ():
+        check_safe_path(companion.get("path"), name)
     fields = set(ModelInfo.__dataclass_fields__)
     values = {k: v for k, v in entry.items() if k in fields}
     values["prompts"] = tuple(values.get("prompts", ()))
     values["sam2_overrides"] = tuple(values.get("sam2_overrides") or ())
+    values["companions"] = tuple(dict(c) for c in values.get("companions") or ())
     return ModelInfo(**values)
 
 

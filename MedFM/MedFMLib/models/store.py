@@ -242,7 +242,6 @@ class ModelStore:
         with file_lock(path.with_name(path.name + ".lock")):
             if self.state(name).ready:
                 return path  # already here, or another process finished it while we waited
-            path.unlink(missing_ok=True)
             companions = self._download_companions(info)
             if not self._weights_state(name).ready:
                 path.unlink(missing_ok=True)
@@ -378,11 +377,11 @@ class ModelStore:
                     companion.unlink()
                     removed = True
         folder = self.folder(name)
-        for empty in sorted((p for p in [path.parent, *folder.rglob("*")] if p.is_dir()), key=lambda p: -len(p.parts)):
+        # Empty folders go, deepest first (nnInteractive's fold_0, then the model's own).
+        folders = {p for p in [path.parent, *folder.rglob("*"), folder] if p.is_dir()}
+        for empty in sorted(folders, key=lambda p: -len(p.parts)):
             if not any(empty.iterdir()):
                 empty.rmdir()
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
 
         def change(registry: dict) -> None:
             nonlocal removed

@@ -110,3 +110,19 @@ def test_segment_with_vista3d_classes_gives_named_segments(tmp_path, phantom_fil
     slice_model = run_medfm("segment", path, "--model", "classic", "--scribble", tmp_path / "x.json", "--out", out,
                             env=env)  # fmt: skip
     assert slice_model.returncode == 1 and "need a 3D model" in slice_model.stderr
+
+
+def test_bench_times_first_and_further_interactions_of_a_3d_model(tmp_path, tiny_volume_catalog):
+    result = run_medfm("bench", "--model", "nninteractive_tiny", "--random-weights", "--device", "cpu",
+                       "--volume-sizes", "48,40x36x24", "--clicks", "2", "--json",
+                       env=env_of(tmp_path / "home", tiny_volume_catalog))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [row["size"] for row in report["sizes"]] == [[48, 48, 48], [40, 36, 24]]
+    for row in report["sizes"]:
+        assert row["first_s"] > 0 and len(row["further_s"]) == 2 and row["further_median_s"] > 0
+        assert row["peak_rss_mb"] > 100 and row["peak_gpu_mb"] is None
+    assert "further 2/2" in result.stderr  # progress, step by step
+    bad = run_medfm("bench", "--model", "nninteractive_tiny", "--random-weights", "--volume-sizes", "12x3",
+                    env=env_of(tmp_path / "home", tiny_volume_catalog))  # fmt: skip
+    assert bad.returncode == 1 and "Cannot read the volume size '12x3'" in bad.stderr

@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--clients", type=int, help="--server: this many users at once (latency and errors under load)")
     bench.add_argument("--evaluate", metavar="DATASET", help="time the cvpr25 protocol on a labelled dataset: "
                        "seconds per case, per box and per click")  # fmt: skip
+    bench.add_argument("--volume-sizes", metavar="SIZES", help="3D models: volumes to time, e.g. 128,256x256x160 "
+                                                               "(the default)")  # fmt: skip
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     _add_server_options(bench, "compare clicks through this MedFM server with the same clicks in-process")
 

@@ -52,6 +52,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                           random_weights=args.random_weights)  # fmt: skip
         print(json.dumps(result) if args.json else format_evaluation_report(result))
         return 1 if result["failed"] else 0
+    if _is_volume_model(args.model):
+        from ..console import note
+        from .volume3d import format_volume_report, parse_sizes, run_volume_benchmark
+
+        result = run_volume_benchmark(args.model, device=args.device, checkpoint=args.checkpoint,
+                                      random_weights=args.random_weights, sizes=parse_sizes(args.volume_sizes),
+                                      further=args.clicks if args.clicks != 20 else 3, progress=note)  # fmt: skip
+        print(json.dumps(result) if args.json else format_volume_report(result))
+        return 0
     if args.compare_runtimes:
         from ..console import note
         from .runtimes import format_runtime_comparison, run_runtime_comparison
@@ -88,3 +97,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     print(json.dumps(result) if args.json else format_report(result))
     return 0
+
+
+def _is_volume_model(name: str) -> bool:
+    from ..models.store import ModelStore
+
+    return ModelStore().info(name).kind == "volume"

@@ -385,3 +385,40 @@ def test_download_with_progress_from_a_local_http_server(window, tmp_path, tiny_
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_3d_model_in_the_window_scribble_and_lasso_by_mouse_and_classes_offered(qapp, phantom, tmp_path,
+                                                                                  tiny_volume_models):  # fmt: skip
+    from MedFMLib.app.window import MedFMWindow
+
+    made = MedFMWindow(interactive=False)
+    made.show()
+    try:
+        assert made.openVolume(phantom[0])
+        _, volume, _, centre = phantom
+        made.modelPanel.fillModels(made.logic.modelNames(), "nninteractive_tiny")
+        made.modelPanel.device.setCurrentText("cpu")
+        assert made.modelPanel.licence.text().startswith("3D · CC-BY-NC-SA-4.0 licence · NON-COMMERCIAL")
+        assert not made.modelPanel.classRow.isVisibleTo(made)  # nnInteractive takes no class prompts
+        step = volume.ijk_to_ras[:3, :3] @ np.array([1.0, 0.0, 0.0])
+        down = volume.ijk_to_ras[:3, :3] @ np.array([0.0, 1.0, 0.0])
+        stroke = [list(centre + n * 1.5 * step) for n in range(-3, 4)]
+        lasso = [list(centre + a * step + b * down) for a, b in ((-6, -6), (6, -6), (6, 6), (-6, 6))]
+        replay(made, {"action": "scribble", "points": stroke}, {"action": "wait"},
+               {"action": "lasso", "points": lasso, "negative": True}, {"action": "wait"})  # fmt: skip
+        prompts = made.controller.session.volume_prompts(made.controller.objectId)
+        assert [(p.kind, p.positive) for p in prompts] == [("scribble", True), ("lasso", False)]
+        assert len(prompts[0].ras) >= 5 and made.controller.mode == "positive"  # back to the mode it was in
+        assert not made.buttons["propagate-both"].isEnabled()
+        assert "3D already" in made.buttons["propagate-both"].toolTip()
+        made.modelPanel.fillModels(made.logic.modelNames(), "vista3d_tiny")
+        made.refresh()
+        assert made.modelPanel.classRow.isVisibleTo(made) and made.modelPanel.classChooser.count() == 127
+        replay(made, {"action": "class", "name": "liver"})
+        assert made.controller.session.volume_prompts(made.controller.objectId)[0].class_name == "liver"
+        assert made.lastMessage.startswith("liver: ")
+    finally:
+        made.unsaved = False
+        made.controller.cancel()
+        made.shutdown()
+        made.close()

@@ -23,7 +23,7 @@ from ..errors import MedFMError
 from .views import VIEWS
 from .window import BUTTONS, MedFMWindow
 
-ACTIONS = ("click", "box", "drag", "key", "button", "wait", "screenshot")
+ACTIONS = ("click", "box", "drag", "scribble", "lasso", "class", "key", "button", "wait", "screenshot")
 
 
 def load_actions(path: str | Path) -> list[dict]:
@@ -40,7 +40,9 @@ def load_actions(path: str | Path) -> list[dict]:
         if kind not in ACTIONS:
             choices = ", ".join(ACTIONS)
             raise MedFMError(f"Action {number} of {path.name} is {action!r}: 'action' must be one of {choices}.")
-        if kind in ("click", "box", "drag") and action.get("view", "axial") not in VIEWS:
+        if kind in ("scribble", "lasso") and len(action.get("points") or []) < 2:
+            raise MedFMError(f"Action {number}: a {kind} needs 'points', a list of at least two [R, A, S].")
+        if kind in ("click", "box", "drag", "scribble", "lasso") and action.get("view", "axial") not in VIEWS:
             raise MedFMError(f"Action {number}: view {action.get('view')!r} is not one of {', '.join(VIEWS)}.")
         if kind == "button" and action.get("name") not in BUTTONS:
             raise MedFMError(f"Action {number}: button {action.get('name')!r} is not one of {', '.join(BUTTONS)}.")
@@ -107,6 +109,28 @@ class Replayer:
 
     def _box(self, action: dict) -> None:
         self._drag(action, mode="box")
+
+    def _stroke(self, action: dict) -> None:
+        """A scribble or lasso drawn with the button held through its points (Shift when ``negative``)."""
+        points = action["points"]
+        view = self._viewAt(action, points[0])
+        previous = self.window.controller.mode
+        self.window.setMode(action["action"])
+        modifiers = QtCore.Qt.ShiftModifier if action.get("negative") else QtCore.Qt.NoModifier
+        self._mouse(view, QtCore.QEvent.MouseMove, points[0], QtCore.Qt.NoButton, modifiers)
+        self._mouse(view, QtCore.QEvent.MouseButtonPress, points[0], QtCore.Qt.LeftButton, modifiers)
+        for point in points[1:]:
+            self._mouse(view, QtCore.QEvent.MouseMove, point, QtCore.Qt.LeftButton, modifiers)
+        self._mouse(view, QtCore.QEvent.MouseButtonRelease, points[-1], QtCore.Qt.NoButton, modifiers)
+        self.window.setMode(previous)
+
+    _scribble = _lasso = _stroke
+
+    def _class(self, action: dict) -> None:
+        """A class prompt, as the user gives it: the name in the class box, then Segment class."""
+        panel = self.window.modelPanel
+        panel.classChooser.setCurrentText(str(action.get("name", "")))
+        panel.classButton.click()
 
     # ------------------------------------------------------------------ keys, buttons, waiting
     def _key(self, action: dict) -> None:

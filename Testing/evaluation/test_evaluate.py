@@ -159,3 +159,34 @@ def test_evaluate_through_a_server_scores_as_in_process(tmp_path):
     remote_steps = remote["cases"]["a"]["objects"]["1"]["steps"]
     assert [s["dsc"] for s in remote_steps] == [s["dsc"] for s in local_steps] and len(remote_steps) == 3
     assert remote["device"] != "cpu (torch)"  # the server's device, as it reported it
+
+
+def test_a_3d_model_gets_the_challenges_box_and_clicks_directly(tmp_path, tiny_volume_catalog):
+    from MedFMLib.engines.nninteractive import NNInteractiveEngine
+    from MedFMLib.evaluation.simulator import challenge_box
+    from MedFMLib.interaction.volume_session import VolumeSession
+
+    dataset = phantom_dataset(tmp_path / "ds", cases=("a",))
+    engine = NNInteractiveEngine.from_folder(tiny_volume_catalog.parent / "nninteractive_tiny", autozoom=False)
+    sessions = []
+
+    def factory(volume):
+        sessions.append(VolumeSession(volume, engine))
+        return sessions[-1]
+
+    results = evaluate(dataset, tmp_path / "out", factory, "nninteractive_tiny", "cpu")
+    steps = results["cases"]["a"]["objects"]["1"]["steps"]
+    assert len(steps) == 6 and steps[0]["prompt"] == "box"
+    (session,) = sessions
+    prompts = session.volume_prompts(1)
+    box = session._interaction(prompts[0])
+    labels = read_volume(dataset / "labelsTr" / "a.nii.gz").array > 0
+    expected = challenge_box(labels, np.random.default_rng(2025))
+    # The challenge's own box: the 2D box on the object's median slice, not a 3D box segmented slice by slice.
+    assert prompts[0].kind == "box" and box.is_2d_box
+    assert box.points.tolist() == [[expected.drawn_on, expected.j0, expected.i0],
+                                   [expected.drawn_on, expected.j1, expected.i1]]  # fmt: skip
+    clicks = [s["click"] for s in steps[1:] if "click" in s]
+    assert [p.kind for p in prompts[1:]] == ["point"] * len(clicks)
+    for prompt, click in zip(prompts[1:], clicks):
+        assert session._interaction(prompt).points.tolist() == [click["kji"]] and prompt.positive == click["positive"]

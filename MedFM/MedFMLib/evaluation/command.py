@@ -88,14 +88,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _session_factory(args):
     if args.server:
         from ..cli import connect
-        from ..remote.client import RemoteSession
+        from ..remote.volume_client import open_remote_session
 
         connection = connect(args)
-        return (lambda volume: RemoteSession(connection, volume, args.model)), connection.info.get("device", "server")
+        return (lambda volume: open_remote_session(connection, volume, args.model)), connection.info.get(
+            "device", "server")  # fmt: skip
     from ..console import ProgressBar, note
     from ..engines import create_engine
     from ..interaction.session import Session
 
     engine = create_engine(args.model, checkpoint=args.checkpoint, device=args.device, progress=ProgressBar(),
                            runtime=args.runtime, fast=args.fast, notify=note)  # fmt: skip
+    if getattr(engine, "kind", "slice") == "volume":
+        from ..interaction.volume_session import VolumeSession
+
+        return (lambda volume: VolumeSession(volume, engine)), engine.device
     return (lambda volume: Session(volume, engine)), f"{engine.device} ({getattr(engine, 'runtime', 'torch')})"

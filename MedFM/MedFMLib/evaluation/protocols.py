@@ -4,6 +4,10 @@
 (segmented from its middle slice outwards, within its slice range), and each click a point on its slice in
 the box's view; that slice becomes an anchor, and propagation runs again from it.
 
+A 3D model (nnInteractive, VISTA3D) gets them directly, as the challenge gave them: the box as a 2D box on
+the object's median slice (VISTA3D takes boxes as clicks), then each click as a 3D point; its answer is
+already 3D, so nothing propagates.
+
 ``ritm`` (2D, per labelled slice): up to 20 clicks, each at the deepest point of the larger of the missed
 and the wrongly added regions (the first one deep inside the object); scored by the clicks needed to reach
 IoU 0.85 and 0.90 (20 when never reached) and the mean IoU after k clicks.
@@ -67,8 +71,15 @@ def run_cvpr25(
         object_id = session.add_object(f"label {value}")
         started = time.perf_counter()
         box = challenge_box(reference, box_rng)
-        corners = [_ras(volume, k, j, i) for k in (box.k0, box.k1) for j in (box.j0, box.j1) for i in (box.i0, box.i1)]
-        session.set_roi(object_id, corners, view=SLICE_AXIS, options=CHALLENGE_BOX)
+        volumetric = getattr(session, "volumetric", False)
+        if volumetric:
+            k = box.drawn_on if box.drawn_on is not None else box.middle
+            corner_a, corner_b = _ras(volume, k, box.j0, box.i0), _ras(volume, k, box.j1, box.i1)
+            session.set_box(object_id, corner_a, corner_b, view=SLICE_AXIS)
+        else:
+            corners = [_ras(volume, k, j, i) for k in (box.k0, box.k1) for j in (box.j0, box.j1)
+                       for i in (box.i0, box.i1)]  # fmt: skip
+            session.set_roi(object_id, corners, view=SLICE_AXIS, options=CHALLENGE_BOX)
         prediction = session.mask(object_id).copy()
         result.steps.append(_score("box", None, prediction, reference, spacing, tolerance_mm, started))
         if on_step is not None:
@@ -79,7 +90,8 @@ def run_cvpr25(
             if click is not None:
                 k, j, i = click.kji
                 session.add_point(object_id, _ras(volume, k, j, i), positive=click.positive, view=SLICE_AXIS)
-                session.repropagate(object_id, SlicePlane(SLICE_AXIS, k), options=CHALLENGE_BOX)
+                if not volumetric:
+                    session.repropagate(object_id, SlicePlane(SLICE_AXIS, k), options=CHALLENGE_BOX)
                 prediction = session.mask(object_id).copy()
             result.steps.append(_score("click", click, prediction, reference, spacing, tolerance_mm, started))
             if on_step is not None:

@@ -29,6 +29,8 @@ class Box3D:
     j1: int
     i0: int
     i1: int
+    #: the slice the 2D box was drawn on: the median of the object's slices (the challenge's z_mid)
+    drawn_on: int | None = None
 
     @property
     def middle(self) -> int:
@@ -53,7 +55,7 @@ def challenge_box(reference: np.ndarray, rng: np.random.Generator | None = None)
     j1 = min(height - 1, int(rows.max()) + int(grow[1] * height / 256))
     i0 = max(0, int(cols.min()) - int(grow[2] * width / 256))
     i1 = min(width - 1, int(cols.max()) + int(grow[3] * width / 256))
-    return Box3D(int(slices[0]), int(slices[-1]), j0, j1, i0, i1)
+    return Box3D(int(slices[0]), int(slices[-1]), j0, j1, i0, i1, drawn_on=median)
 
 
 def next_click(prediction: np.ndarray, reference: np.ndarray, rng: np.random.Generator | None = None) -> Click | None:

@@ -143,8 +143,9 @@ def write_tiny_volume_catalog(folder: str | Path, seed: int = 0) -> Path:
              companions=[{"path": name, "url": base + name}
                          for name in ("plans.json", "dataset.json", "inference_session_class.json")],
              engine_options={"autozoom": False, "random_size": "tiny"}),
-        dict(common, name="vista3d_tiny", engine="vista3d", arch="vista3d132", prompts=["point", "class", "mask"],
-             filename="vista3d_tiny.pt", license="NVIDIA-OneWay-Noncommercial", engine_options={"embed_dim": 8}),
+        dict(common, name="vista3d_tiny", engine="vista3d", arch="vista3d132",
+             prompts=["point", "box", "class", "mask"], filename="vista3d_tiny.pt",
+             license="NVIDIA-OneWay-Noncommercial", engine_options={"embed_dim": 8}),
     ]  # fmt: skip
     catalog = folder / "catalog.json"
     catalog.write_text(json.dumps({"format": 1, "models": entries}), encoding="utf-8")

@@ -47,7 +47,9 @@ ENGINE_REQUIREMENTS: dict[str, tuple[Requirement, ...]] = {
         Requirement("yaml", "PyYAML"),
         Requirement("sam2", "sam2", ">=1.0"),
     ),
-    "vista3d": (TORCH, Requirement("monai", "monai", ">=1.4"), Requirement("scipy", "scipy", ">=1.9")),
+    # MONAI's VISTA3D transforms need scikit-image (merging clicks) and nibabel (orientation).
+    "vista3d": (TORCH, Requirement("monai", "monai", ">=1.4"), Requirement("scipy", "scipy", ">=1.9"),
+                Requirement("skimage", "scikit-image", ">=0.19"), Requirement("nibabel", "nibabel", ">=4")),
     # nnInteractive brings nnunetv2 and about 60 packages: they come with it, but torch stays Slicer's.
     "nninteractive": (TORCH, Requirement("nnInteractive", "nninteractive", ">=1.0", with_dependencies=True)),
     # Not an engine but a runtime for SAM-family encoders on the CPU (--runtime openvino, the module's Runtime).

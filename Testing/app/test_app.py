@@ -277,7 +277,7 @@ def test_the_app_segments_on_a_server(start_server, phantom, window):
     server = start_server(["--models", "classic"])  # started first, so the window closes its session before it stops
     window.connectServer(server.url, SERVER_TOKEN)
     assert window.lastMessage == f"Models run on {server.url}."
-    assert window.modelPanel.licence.text() == "runs on the server"
+    assert window.modelPanel.licence.text() == "slice · runs on the server"
     replay(window, {"action": "click", "ras": list(phantom[3])})
     assert window.controller.modelDescription == f"classic on cpu at {server.url}"
     point = [0.0, 0.0, 0.0]

@@ -125,3 +125,31 @@ def test_openvino_asked_for_by_name_runs_on_the_cpu_when_the_device_is_auto(tiny
     engine = create_engine("sam_tiny", checkpoint=tiny_sam, device="auto", store=store, runtime="openvino")
     assert engine.device == "cpu" and engine.runtime == "openvino-f32"
     assert create_engine("sam_tiny", checkpoint=tiny_sam, device="auto", runtime="torch").device == "cuda"
+
+
+@pytest.mark.parametrize("kind", ["nninteractive", "vista3d"])
+def test_3d_models_on_the_gpu_answer_as_on_the_cpu(kind, tiny_volume_catalog):
+    """The same clicks through a VolumeSession on CUDA and on the CPU: (nearly) the same 3D masks."""
+    from MedFMLib.interaction.volume_session import VolumeSession
+
+    volume, _, centre = sphere_volume("oblique_lps", dims=(40, 36, 20), radius_mm=8.0, noise_sd=5.0)
+    volume.array = (volume.array * 5 - 200).astype(np.int16)  # CT-like: VISTA3D crops to the body (HU > 0)
+    folder = tiny_volume_catalog.parent
+    masks = {}
+    for device in ("cpu", "cuda"):
+        if kind == "nninteractive":
+            from MedFMLib.engines.nninteractive import NNInteractiveEngine
+
+            engine = NNInteractiveEngine.from_folder(folder / "nninteractive_tiny", device=device, autozoom=False)
+        else:
+            from MedFMLib.engines.vista3d import Vista3DEngine, load_vista3d_network
+
+            engine = Vista3DEngine(load_vista3d_network(folder / "vista3d_tiny.pt", embed_dim=8), device=device)
+        session = VolumeSession(volume, engine)
+        object_id = session.add_object()
+        session.add_point(object_id, centre)
+        session.add_point(object_id, volume.ijk_to_ras_points(np.array([30.0, 8.0, 10.0])), positive=False)
+        masks[device] = session.mask(object_id).copy()
+        assert engine.device == device
+    agreement = float((masks["cpu"] == masks["cuda"]).mean())
+    assert agreement > 0.99, agreement

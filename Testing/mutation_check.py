@@ -123,6 +123,27 @@ MUTANTS = [
     Mutant("app-click-in-the-wrong-place", LIB + "app/views.py",
            "        return self.xyToRas(x * ratio, height - 1 - y * ratio)",
            "        return self.xyToRas(x * ratio, y * ratio)", ("Testing/app/test_app.py",)),
+    # Native 3D models
+    Mutant("volume-stroke-not-on-its-slice", LIB + "interaction/volume_session.py",
+           "            voxels[:, column] = np.clip(np.rint(voxels[0, column]), 0, "
+           "self.volume.array.shape[column] - 1)",
+           "            pass", ("Testing/interaction/test_volume_session.py",)),
+    Mutant("volume-undo-keeps-the-engine-state", LIB + "interaction/volume_session.py",
+           "            self._engine_object = None  # the engine's interactions no longer match the mask",
+           "            pass", ("Testing/interaction/test_volume_session.py",)),
+    Mutant("volume-region-offset-dropped", LIB + "engines/volumetric.py",
+           "        return tuple(slice(o, o + n) for o, n in zip(self.offset, self.mask.shape))",
+           "        return tuple(slice(0, n) for n in self.mask.shape)",
+           ("Testing/interaction/test_volume_session.py", "Testing/engines/test_nninteractive.py")),
+    Mutant("volume-box-replaces-nothing", LIB + "interaction/volume_session.py",
+           "        if earlier and not keep_other_slices:", "        if False:",
+           ("Testing/interaction/test_volume_session.py", "Testing/mrml/test_controller_3d.py")),
+    Mutant("lasso-outline-only", LIB + "imaging/drawing.py",
+           "    plane[low[0] : high[0] + 1, low[1] : high[1] + 1] = inside",
+           "    pass", ("Testing/interaction/test_volume_session.py",)),
+    Mutant("cvpr25-box-on-the-wrong-slice", LIB + "evaluation/protocols.py",
+           "            k = box.drawn_on if box.drawn_on is not None else box.middle", "            k = box.k0",
+           ("Testing/evaluation/test_evaluate.py",)),
 ]
 
 

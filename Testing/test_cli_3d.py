@@ -102,8 +102,6 @@ def test_segment_with_vista3d_classes_gives_named_segments(tmp_path, phantom_fil
     segments = read_segments(out, volume)
     assert [s.name for s in segments] == ["liver", "spleen"]
     assert segments[0].color != segments[1].color
-    wrong = run_medfm("segment", path, "--model", "vista3d_tiny", "--class", "livr", "--out", out, env=env)
-    assert wrong.returncode == 1 and "liver" in wrong.stderr and "Traceback" not in wrong.stderr
     no_classes = run_medfm("segment", path, "--model", "nninteractive_tiny", "--class", "liver", "--out", out,
                            env=env)  # fmt: skip
     assert no_classes.returncode == 1 and "takes no class prompts" in no_classes.stderr

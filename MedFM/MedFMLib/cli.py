@@ -222,6 +222,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     volume_model = _is_volume_model(args)
     if not volume_model and (args.classes or args.scribble or args.negative_scribble or args.lasso):
         raise MedFMError(f"--class, --scribble and --lasso need a 3D model (nninteractive, vista3d), not {args.model}.")
+    if volume_model and args.classes and not args.server and "class" not in _model_prompts(args.model):
+        raise MedFMError(f"{args.model} takes no class prompts; click on the object instead.")  # before it loads
     if not points and not boxes and not volume_model:
         raise MedFMError("Give at least one --point or a --box to segment.")
     volume = read_volume(args.input)
@@ -290,6 +292,12 @@ def _is_volume_model(args: argparse.Namespace) -> bool:
     from .models.store import ModelStore
 
     return ModelStore().info(args.model).kind == "volume"
+
+
+def _model_prompts(name: str) -> tuple[str, ...]:
+    from .models.store import ModelStore
+
+    return ModelStore().info(name).prompts
 
 
 def _segment_in_3d(args: argparse.Namespace, volume, points, negatives, boxes) -> int:

@@ -145,7 +145,7 @@ def write_tiny_volume_catalog(folder: str | Path, seed: int = 0) -> Path:
              engine_options={"autozoom": False, "random_size": "tiny"}),
         dict(common, name="vista3d_tiny", engine="vista3d", arch="vista3d132",
              prompts=["point", "box", "class", "mask"], filename="vista3d_tiny.pt",
-             license="NVIDIA-OneWay-Noncommercial", engine_options={"embed_dim": 8}),
+             license="NVIDIA-OneWay-Noncommercial", engine_options={"embed_dim": 8, "roi_size": 64}),
     ]  # fmt: skip
     catalog = folder / "catalog.json"
     catalog.write_text(json.dumps({"format": 1, "models": entries}), encoding="utf-8")

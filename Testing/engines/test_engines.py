@@ -223,7 +223,8 @@ def test_catalog_entries_are_complete():
     assert {"classic", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"} <= catalog.keys()
     for info in catalog.values():
         assert info.license and info.homepage.startswith("https://")
-        assert set(info.prompts) <= {"point", "box", "mask"} and info.prompts
+        allowed = {"point", "box", "mask"} | ({"scribble", "lasso", "class"} if info.kind == "volume" else set())
+        assert set(info.prompts) <= allowed and info.prompts
         assert isinstance(info.commercial_use, bool)
     assert get_model_info("medsam_vit_b").prompts == ("box",)
     with pytest.raises(ModelError, match="Unknown model 'sam_vit_x'"):

@@ -126,7 +126,8 @@ def _create_volume_engine(info, checkpoint, device, random_weights, seed, store,
         else:
             path = Path(checkpoint) if checkpoint is not None else store.checkpoint(info.name, progress=progress)
             network = load_vista3d_network(path, embed_dim=embed_dim)
-        return Vista3DEngine(network, device=resolved, model_name=info.name)
+        # The sliding window's edge (the bundle's 128 voxels at 1.5 mm); a small test model may use less.
+        return Vista3DEngine(network, device=resolved, model_name=info.name, roi_size=int(options.get("roi_size", 128)))
     from .nninteractive import NNInteractiveEngine, write_random_model_folder
 
     autozoom = bool(options.get("autozoom", True))

@@ -79,7 +79,8 @@ class InteractionController(PropagationCommands):
         self._boxView = None  # the slice node the box was drawn in
         self._dragSince: float | None = None
         self._deviceOverride: tuple[str, str] | None = None  # (the device chosen, the one used instead)
-        self.stroke = StrokeTool(self.scene)
+        self.stroke = StrokeTool(self)
+        self.pendingNote = ""  # said once the prompts it concerns are decoded (a scribble that became clicks)
 
     # ------------------------------------------------------------------ state
     scene = property(lambda self: self.editorNode.GetScene())
@@ -401,7 +402,7 @@ class InteractionController(PropagationCommands):
         for item in rejected:
             node = self.scene.GetNodeByID(item.node_id)
             node.RemoveNthControlPoint(node.GetNthControlPointIndexByID(item.point_id))
-        self.status = rejected[-1].message if rejected else ""
+        self.status, self.pendingNote = (rejected[-1].message if rejected else self.pendingNote), ""
         self.refreshPreview()
         self._repropagateCorrections(updates)
         self._changed()

@@ -55,8 +55,8 @@ class StrokeTool:
     what was drawn, until the next stroke or a reset.
     """
 
-    def __init__(self, scene) -> None:
-        self.scene = scene
+    def __init__(self, controller) -> None:
+        self.controller = controller  # its scene is the editor node's, which a new scene replaces
         self.kind: str | None = None
         self.points: list[np.ndarray] = []
         self.positive = True
@@ -113,7 +113,7 @@ class StrokeTool:
         className = "vtkMRMLMarkupsClosedCurveNode" if self.kind == "lasso" else "vtkMRMLMarkupsCurveNode"
         if self.curveNode is None or self.curveNode.GetScene() is None or not self.curveNode.IsA(className):
             self.remove()
-            self.curveNode = self.scene.AddNewNodeByClass(className, f"MedFM {self.kind}")
+            self.curveNode = self.controller.scene.AddNewNodeByClass(className, f"MedFM {self.kind}")
             self.curveNode.SetSaveWithScene(False)
             self.curveNode.CreateDefaultDisplayNodes()
             display = self.curveNode.GetDisplayNode()

@@ -46,15 +46,23 @@ def _strokeOnSliceModel(controller, kind: str, points, sliceNode, positive: bool
         chosen = points[np.unique(picks)]
         for point in chosen:
             controller.addPoint(point, positive=positive, sliceNode=sliceNode)
-        controller.setStatus(f"{controller.settings.modelName} is a slice model: the scribble became "
-                             f"{len(chosen)} clicks along it.")  # fmt: skip
+        _say(controller, f"{controller.settings.modelName} is a slice model: the scribble became {len(chosen)} "
+                         "clicks along it.")  # fmt: skip
         return
     if len(points) < 3:
         controller.setStatus("A lasso needs at least three points around the object; draw it again.")
         return
     # The box around the lasso, on its slice: the corners that span the points' extent in the view.
     controller.setBox(points.min(axis=0), points.max(axis=0), sliceNode)
-    controller.setStatus(f"{controller.settings.modelName} is a slice model: the lasso became the box around it.")
+    _say(controller, f"{controller.settings.modelName} is a slice model: the lasso became the box around it.")
+
+
+def _say(controller, note: str) -> None:
+    """Now, or once the prompts are decoded (their slices may still be encoding): decoding resets the status."""
+    if controller.encoding:
+        controller.pendingNote = note
+    else:
+        controller.setStatus(note)
 
 
 def setClass(controller, className: str) -> None:

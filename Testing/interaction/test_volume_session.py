@@ -164,3 +164,31 @@ def test_strokes_and_lassos_as_voxels():
     assert triangle[1, 2, 2] and not triangle[1, 8, 8] and triangle[[0, 2, 3, 4, 5]].sum() == 0
     with pytest.raises(PromptError, match="one slice"):
         lasso_mask(np.array([[1, 0, 0], [2, 0, 10], [3, 10, 0]]), shape)
+
+
+def test_after_an_undo_the_model_starts_again_from_the_mask_the_user_sees(engine, phantom, monkeypatch):
+    volume, _, centre = phantom
+    session = VolumeSession(volume, engine)
+    object_id = session.add_object()
+    starts = []
+    start = engine.start_object
+    monkeypatch.setattr(engine, "start_object", lambda mask=None: (starts.append(mask), start(mask))[1])
+    session.add_point(object_id, centre)
+    session.add_point(object_id, ras_of(volume, 12, 20, 12))
+    assert len(starts) == 1 and starts[0] is None  # one object, begun once, from nothing
+    session.undo()
+    shown = session.mask(object_id).copy()
+    session.add_point(object_id, ras_of(volume, 8, 14, 25), positive=False)
+    assert len(starts) == 2 and np.array_equal(starts[1], shown)  # not the engine's memory of the undone click
+
+
+def test_a_new_box_replaces_the_box_the_viewers_show_unless_boxes_are_kept(engine, phantom):
+    volume, _, _ = phantom
+    session = VolumeSession(volume, engine)
+    object_id = session.add_object()
+    session.set_box(object_id, ras_of(volume, 10, 8, 9), ras_of(volume, 10, 25, 30), view=2)
+    session.set_box(object_id, ras_of(volume, 10, 10, 12), ras_of(volume, 10, 22, 26), view=2)
+    (box,) = session.volume_prompts(object_id)
+    assert session._interaction(box).points.tolist() == [[10, 10, 12], [10, 22, 26]]
+    session.set_box(object_id, ras_of(volume, 12, 10, 12), ras_of(volume, 12, 22, 26), view=2, keep_other_slices=True)
+    assert [p.kind for p in session.volume_prompts(object_id)] == ["box", "box"]

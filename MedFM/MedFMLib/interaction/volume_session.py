@@ -234,7 +234,7 @@ class VolumeSession(SessionObjects):
         update = self._commit(object_id, np.zeros_like(obj.mask), ())
         if self._engine_object == object_id:
             self._engine_object = None
-        return [update] if update is not None else []
+        return [update]
 
     def has_prompts(self, object_id: int) -> bool:
         return bool(self._prompts_of(object_id))
@@ -400,7 +400,8 @@ class VolumeSession(SessionObjects):
     def _commit(
         self, object_id: int, after: np.ndarray, prompts: tuple[VolumePrompt, ...],
         prediction: VolumePrediction | None = None,
-    ) -> VolumeUpdate | None:  # fmt: skip
+    ) -> VolumeUpdate:  # fmt: skip
+        """Make ``after`` the object's mask and ``prompts`` its prompts: one undo step holding the changed box."""
         obj = self.objects[object_id]
         changed = changed_region(obj.mask, after)
         offset = changed.offset if changed is not None else (0, 0, 0)

@@ -288,7 +288,9 @@ def test_bench_propagate_walks_every_slice_with_point_and_box_only_models(tiny_s
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["model"] == model and report["slices"] == 6
-    assert report["uncached_ms_p50"] > report["cached_ms_p50"] > 0
+    # Which is faster is the benchmark's finding, not a test's: a 64-pixel tiny model's encoder costs next to
+    # nothing, so cached and uncached walks differ by noise (this comparison failed under load).
+    assert report["uncached_ms_p50"] > 0 and report["cached_ms_p50"] > 0
 
 
 def test_demo_writes_a_segmentation(tmp_path):

@@ -108,11 +108,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         from MedFMLib.engines.volumetric import class_table
 
         name = self.controller.settings.modelName
+        if getattr(self, "_classesShownFor", None) == (name, self.logic.serverUrl):
+            return  # the timer refreshes the panel 20 times a second: read the catalog when the model changes
+        self._classesShownFor = (name, self.logic.serverUrl)
         info = None if self.logic.isRemote else self.logic.store.info(name)
         takesClasses = "class" in (info.prompts if info is not None else self.logic.serverModels().get(name, {}).get(
             "prompts", []))  # fmt: skip
         self.ui.classLabel.visible = self.ui.classComboBox.visible = self.ui.classButton.visible = takesClasses
-        if takesClasses and info is not None and self.ui.classComboBox.count == 0:
+        self.ui.classComboBox.clear()
+        if takesClasses and info is not None:
             self.ui.classComboBox.addItems(sorted(entry["name"] for entry in class_table(info.engine)["labels"]))
 
     # ------------------------------------------------------------- lifecycle

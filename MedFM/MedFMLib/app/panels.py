@@ -107,9 +107,13 @@ class ModelPanel(QtWidgets.QGroupBox):
         """Offer class prompts where the chosen model takes them, with its classes to choose from."""
         name = self.model.currentText()
         logic = self.window.logic
+        engine = getattr(controller.session, "engine", None)
+        shownFor = (name, logic.isRemote, id(engine) if logic.isRemote else None)
+        if getattr(self, "_toolsShownFor", None) == shownFor:
+            return  # refreshed at every poll: read the catalog only when the model changes
+        self._toolsShownFor = shownFor
         if logic.isRemote:
             prompts = logic.serverModels().get(name, {}).get("prompts", [])
-            engine = getattr(controller.session, "engine", None)
             classes = sorted(getattr(engine, "classes", {}) or {})
         else:
             from ..engines.volumetric import class_table

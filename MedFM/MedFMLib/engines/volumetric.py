@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -181,11 +182,12 @@ class VolumeEngine(ABC):
         """Free what the engine holds (a GPU's memory); the engine is not used after."""
 
 
+@lru_cache(maxsize=8)
 def class_table(engine: str) -> dict:
     """A model's class prompts from ``<engine>_labels.json`` beside this file (read without torch).
 
     ``labels``: [{"id", "name", "color"}]; ``everything``: the ids one "everything" pass segments;
-    ``groups``: names that stand for several labels.
+    ``groups``: names that stand for several labels. Read once: callers must not change it.
     """
     import json
     from pathlib import Path

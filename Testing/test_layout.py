@@ -18,8 +18,8 @@ MAY_IMPORT = {
     "engines": {"errors", "imaging", "models"},
     "interaction": {"errors", "imaging", "models", "engines"},
     "remote": {"errors", "home", "imaging", "models", "engines", "interaction"},
-    # The scene side picks a local or a remote session, so it sits above both.
-    "mrml": {"errors", "imaging", "models", "engines", "interaction", "remote"},
+    # The scene side picks a local or a remote session, so it sits above both; it fine-tunes from segmentations.
+    "mrml": {"errors", "imaging", "models", "engines", "interaction", "remote", "training"},
 }
 
 

@@ -17,6 +17,8 @@ GUI_FILES = {
         MODULE / "Resources" / "UI" / "SegmentEditorMedFM.ui"
     ],
 }
+# GUI glue that MedFM.py imports (a package: Slicer takes every .py file beside MedFM.py for a module).
+WIDGET_HELPERS = sorted((MODULE / "MedFMWidgetLib").glob("*.py"))
 # What Slicer may import while it starts: Slicer, Qt, ctk, vtk, numpy and the standard library.
 ALLOWED_AT_STARTUP = {"qt", "slicer", "vtk", "ctk", "numpy", "SegmentEditorEffects"}
 
@@ -36,7 +38,7 @@ def test_every_ui_element_the_code_names_exists_in_its_ui_file():
 
 
 def test_start_up_files_import_only_what_slicer_has():
-    for source in [MODULE / "MedFM.py", *GUI_FILES]:
+    for source in [MODULE / "MedFM.py", *GUI_FILES, *WIDGET_HELPERS]:
         tree = ast.parse(source.read_text(encoding="utf-8"))
         for node in tree.body:  # module level only: imports inside functions are lazy
             if isinstance(node, ast.Import):
@@ -51,8 +53,11 @@ def test_start_up_files_import_only_what_slicer_has():
 
 def test_cmake_installs_every_gui_file_and_resource():
     cmake = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
-    for path in ["SegmentEditorMedFMLib/SegmentEditorEffect.py", "Resources/UI/SegmentEditorMedFM.ui"]:
+    helpers = [p.relative_to(MODULE).as_posix() for p in WIDGET_HELPERS]
+    assert "MedFMWidgetLib/FinetuneSection.py" in helpers
+    for path in ["SegmentEditorMedFMLib/SegmentEditorEffect.py", "Resources/UI/SegmentEditorMedFM.ui", *helpers]:
         assert path in cmake and (MODULE / path).is_file()
+    assert not [p.name for p in MODULE.glob("*.py") if p.name != "MedFM.py"], "helpers beside MedFM.py load as modules"
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cmake
     top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for field in ["EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",

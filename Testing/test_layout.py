@@ -17,7 +17,10 @@ MAY_IMPORT = {
     "models": {"errors", "home"},
     "engines": {"errors", "imaging", "models"},
     "interaction": {"errors", "imaging", "models", "engines"},
-    "remote": {"errors", "home", "imaging", "models", "engines", "interaction"},
+    # The server runs fine-tuning jobs for users whose GPU is on the server.
+    "remote": {"errors", "home", "imaging", "models", "engines", "interaction", "training"},
+    # Fine-tuning reads datasets as the evaluation does, and prepares slices as interactive sessions do.
+    "training": {"errors", "home", "imaging", "models", "engines", "interaction", "evaluation"},
     # The scene side picks a local or a remote session, so it sits above both; it fine-tunes from segmentations.
     "mrml": {"errors", "imaging", "models", "engines", "interaction", "remote", "training"},
 }

@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-prompts", type=int, default=2000, help="points and boxes per session (default 2000)")
     serve.add_argument("--max-undo", type=int, default=50, help="undo steps kept per session (default 50)")
     serve.add_argument("--max-jobs", type=int, default=2, help="propagations running at once, in all (default 2)")
+    serve.add_argument("--publish-finetunes", action="store_true", help="offer the models that fine-tuning "
+                       "jobs make here to every user at once (default: kept in the store, not served)")  # fmt: skip
 
     from .evaluation.command import add_parser as add_evaluate_parser
 
@@ -175,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .app.command import add_parser as add_app_parser
 
     add_app_parser(commands)
+    from .training.command import add_parser as add_finetune_parser
+
+    add_finetune_parser(commands)
 
     demo = commands.add_parser("demo", help="segment a generated sample volume and write the result")
     demo.add_argument("--out-dir", default="demo_output", help="folder for the sample and the result")
@@ -367,7 +372,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         states = {name: store.state(name) for name in models}
         if args.json:
             listed = [
-                dict(vars(info), downloaded=states[name].ready, state=states[name].label)
+                dict(vars(info), downloaded=states[name].ready, state=states[name].label, card=store.card(name))
                 for name, info in models.items()
             ]
             print(json.dumps(listed, indent=2, default=list))
@@ -387,6 +392,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             prompts = ",".join(info.prompts) or "-"
             commercial = "yes" if info.commercial_use else "NO"
             print(f"{name:<24} {status:<14} {size:>9}  {info.kind_label:<12} {commercial:<10} {prompts:<14} {licence}")
+        for name in models:  # fine-tuned models: their card in a line
+            if store.card(name) is not None:
+                print(f"{name}: {models[name].description}")
         if any(info.license_note for info in models.values()):
             print("* licence to confirm before commercial use: see `medfm models list --json`")
         for name, state in states.items():
@@ -462,6 +470,9 @@ def _model_info(store, name: str | None) -> int:
         table = class_table(info.engine)
         names = sorted(entry["name"] for entry in table["labels"])
         print(f"  classes ({len(names)}; `everything` = {len(table['everything'])} of them): {', '.join(names)}")
+    card = store.card(name)
+    if card is not None:
+        print("  model card: " + json.dumps(card, indent=1).replace("\n", "\n  "))
     return 0
 
 
@@ -515,6 +526,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_prompts=args.max_prompts,
         max_undo=args.max_undo,
         max_jobs=args.max_jobs,
+        publish_finetunes=args.publish_finetunes,
     )
     serve(config, host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key)
     return 0
@@ -554,9 +566,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(_join_negative_coordinates(sys.argv[1:] if argv is None else argv))
     from .bench.command import cmd_bench
     from .evaluation.command import cmd_evaluate
+    from .training.command import cmd_finetune
 
     handlers = {"segment": cmd_segment, "models": cmd_models, "bench": cmd_bench, "demo": cmd_demo, "serve": cmd_serve,
-                "evaluate": cmd_evaluate, "app": _cmd_app}  # fmt: skip
+                "evaluate": cmd_evaluate, "app": _cmd_app, "finetune": cmd_finetune}  # fmt: skip
     if args.command is None:
         parser.print_help()
         return 2

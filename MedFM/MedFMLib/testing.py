@@ -26,8 +26,12 @@ TINY_SAM = {
 }
 
 
-def write_tiny_sam_catalog(folder: str | Path, seed: int = 1234) -> Path:
-    """Save a tiny SAM checkpoint and a catalog with ``sam_tiny`` (points, box) and ``medsam_tiny`` (box)."""
+def write_tiny_sam_catalog(folder: str | Path, seed: int = 1234, decoder_scale: float = 3.0) -> Path:
+    """Save a tiny SAM checkpoint and a catalog with ``sam_tiny`` (points, box) and ``medsam_tiny`` (box).
+
+    ``decoder_scale`` spreads the decoder's random weights so that masks vary with prompts; fine-tuning tests
+    take 1.0, the initialisation a network trains from.
+    """
     import torch
 
     from .engines.sam import SamArchitecture, build_sam_model
@@ -40,7 +44,7 @@ def write_tiny_sam_catalog(folder: str | Path, seed: int = 1234) -> Path:
     # Random init leaves the decoder's output near zero; spread the weights so masks vary with prompts.
     with torch.no_grad():
         for parameter in model.mask_decoder.parameters():
-            parameter.mul_(3.0)
+            parameter.mul_(decoder_scale)
     torch.save(model.state_dict(), folder / "sam_tiny.pth")
     entries = []
     for name, preprocessing, prompts in (("sam_tiny", "sam", ["point", "box"]), ("medsam_tiny", "medsam", ["box"])):
@@ -83,8 +87,9 @@ TINY_SAM2_OVERRIDES = [
 ]
 
 
-def write_tiny_sam2_catalog(folder: str | Path, seed: int = 1234) -> Path:
-    """Save a tiny SAM 2.1 checkpoint (``sam2_tiny.pt``) and a catalog with ``sam2_tiny``."""
+def write_tiny_sam2_catalog(folder: str | Path, seed: int = 1234, decoder_scale: float = 3.0) -> Path:
+    """Save a tiny SAM 2.1 checkpoint (``sam2_tiny.pt``) and a catalog with ``sam2_tiny`` (``decoder_scale``: as
+    for SAM)."""
     import torch
 
     from .engines.sam2 import build_sam2_model
@@ -95,7 +100,7 @@ def write_tiny_sam2_catalog(folder: str | Path, seed: int = 1234) -> Path:
     model = build_sam2_model("sam2.1_hiera_t", TINY_SAM2_OVERRIDES)
     with torch.no_grad():
         for parameter in model.sam_mask_decoder.parameters():
-            parameter.mul_(3.0)
+            parameter.mul_(decoder_scale)
         # Random weights would call the object absent on every slice; say it is present, so masks vary.
         model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(8.0)
     torch.save({"model": model.state_dict()}, folder / "sam2_tiny.pt")
@@ -150,3 +155,37 @@ def write_tiny_volume_catalog(folder: str | Path, seed: int = 0) -> Path:
     catalog = folder / "catalog.json"
     catalog.write_text(json.dumps({"format": 1, "models": entries}), encoding="utf-8")
     return catalog
+
+
+def phantom_cases(count: int, seed: int = 0, dims=(40, 40, 12)):
+    """``count`` phantom cases (``MemoryCase``): a noisy bright ellipsoid of random place and size in a darker
+    body, on an anisotropic LPS grid, labelled 1; for fine-tuning tests."""
+    import numpy as np
+
+    from .imaging.phantoms import Ellipsoid, make_ijk_to_ras, render
+    from .training.embeddings import MemoryCase
+
+    cases = []
+    for index in range(count):
+        rng = np.random.default_rng([seed, index])
+        matrix = make_ijk_to_ras((1.0, 1.0, 2.0), (10.0, -5.0, 3.0), (0, 0, 0), (-1, -1, 1))
+        centre_ijk = np.array(dims, float) / 2 + rng.uniform(-4, 4, 3) * (1, 1, 0.5)
+        centre = matrix[:3, :3] @ centre_ijk + matrix[:3, 3]
+        radii = (rng.uniform(6, 10), rng.uniform(6, 10), 8.0)
+        volume, masks = render(dims, matrix, [Ellipsoid(tuple(centre), radii, 200.0)], background=20.0,
+                               noise_sd=15.0, name=f"phantom{index}")  # fmt: skip
+        cases.append(MemoryCase(f"phantom{index}", volume, masks[0].astype(np.int32)))
+    return cases
+
+
+def write_phantom_dataset(folder: str | Path, count: int, seed: int = 0) -> Path:
+    """The phantom cases as a Medical Segmentation Decathlon folder (imagesTr/labelsTr, NIfTI)."""
+    from .imaging.io import write_labelmap, write_volume
+
+    folder = Path(folder)
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for case in phantom_cases(count, seed):
+        write_volume(folder / "imagesTr" / f"{case.name}_0000.nii.gz", case.volume)
+        write_labelmap(folder / "labelsTr" / f"{case.name}.nii.gz", case.labels.astype("uint8"), case.volume)
+    return folder

@@ -246,7 +246,8 @@ class Sam2Engine(TorchEngine):
             best = int(torch.argmax(iou[0])) if multimask else 0
             chosen = low_res[:, best : best + 1]
             mask = self.image_mask(chosen, None, embedding.image_shape)[0, 0]
-            return Prediction(mask=mask.cpu().numpy(), score=float(iou[0, best]), low_res_logits=chosen[0].cpu().numpy())
+            logits = chosen[0].cpu().numpy()
+            return Prediction(mask=mask.cpu().numpy(), score=float(iou[0, best]), low_res_logits=logits)
 
     # ----------------------------------------------------------------- track
     def _new_tracking_state(self, frames) -> dict:

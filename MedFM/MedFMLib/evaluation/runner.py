@@ -21,7 +21,7 @@ from .simulator import BOX_SEED, CLICK_SEED
 
 
 def evaluate(
-    dataset: str | Path,
+    dataset: str | Path | list[Case],
     out: str | Path,
     session_factory: Callable,
     model: str,
@@ -34,7 +34,9 @@ def evaluate(
     """Evaluate every case; ``session_factory(volume)`` makes the session a simulated user works in."""
     if protocol not in PROTOCOLS:
         raise MedFMError(f"Unknown protocol '{protocol}': use {' or '.join(PROTOCOLS)}.")
-    cases = find_cases(dataset)
+    # A list of cases: a split of a dataset (fine-tuning's validation cases); named by count, not by file.
+    cases = list(dataset) if isinstance(dataset, list) else find_cases(dataset)
+    dataset = f"{len(cases)} cases" if isinstance(dataset, list) else dataset
     out = Path(out)
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
@@ -84,7 +86,7 @@ def _evaluate_case(case: Case, out: Path, session_factory, protocol, clicks, pro
             session.close()
     write_labelmap(out / "predictions" / f"{case.name}.nii.gz", final.astype(np.uint16), volume)
     return {
-        "image": str(case.image),
+        "image": str(getattr(case, "image", case.name)),
         "objects": {str(o.label): {"steps": o.steps, **o.summary} for o in objects},
         "seconds": round(time.perf_counter() - started, 3),
     }

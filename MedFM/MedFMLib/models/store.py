@@ -90,8 +90,6 @@ class ModelStore:
         for name, entry in self._read_registry()["custom"].items():
             card = self.card(name) if entry.get("card") else None
             if card is not None:
-                from ..training.card import card_summary
-
                 description = card_summary(card)
             else:
                 description = f"custom checkpoint of {entry['base']} architecture"
@@ -113,6 +111,10 @@ class ModelStore:
             return json.loads((self.folder(name) / CARD_NAME).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+
+    def save_card(self, name: str, card: dict) -> None:
+        """Write a fine-tuned model's card (figures added after training: the evaluation)."""
+        (self.folder(name) / CARD_NAME).write_text(json.dumps(card, indent=1), encoding="utf-8")
 
     def check_new_name(self, name: str, replacing: bool = False) -> None:
         """One clear line when ``name`` cannot take a new fine-tuned model."""
@@ -138,7 +140,7 @@ class ModelStore:
         temporary = destination.with_name(destination.name + ".part")
         torch.save({"model": state_dict} if sam2 else state_dict, temporary)
         os.replace(temporary, destination)
-        (destination.parent / CARD_NAME).write_text(json.dumps(card, indent=1), encoding="utf-8")
+        self.save_card(name, card)
         self._record(name, destination, sha256_of(destination), None,
                      custom={"base": root, "filename": filename, "card": True})  # fmt: skip
         return destination
@@ -441,6 +443,15 @@ class ModelStore:
 
         self._update_registry(change)
         return removed
+
+
+def card_summary(card: dict) -> str:
+    """One line for model lists: the base, the data and the validation Dice before and after."""
+    dice = card.get("validation_dice", {})
+    data = card.get("data", {})
+    trained_on = f"{data.get('training_cases')} cases ({data.get('training_slices')} slices)"
+    figures = f"validation Dice {dice.get('before')} -> {dice.get('after')}"
+    return f"fine-tuned from {card.get('base_model')} on {trained_on}: {figures}"
 
 
 def configure(home: str | Path | None = None, catalog: str | None = None) -> None:

@@ -35,10 +35,3 @@ def make_card(base: str, base_info, train_set, train_cases, val_cases, config, r
         "medfm_version": __version__,
     }
 
-
-def card_summary(card: dict) -> str:
-    """One line for model lists: the base, the data and the validation Dice before and after."""
-    dice = card.get("validation_dice", {})
-    data = card.get("data", {})
-    return (f"fine-tuned from {card.get('base_model')} on {data.get('training_cases')} cases "
-            f"({data.get('training_slices')} slices): validation Dice {dice.get('before')} -> {dice.get('after')}")  # fmt: skip

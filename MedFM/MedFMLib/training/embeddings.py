@@ -206,7 +206,8 @@ def _embed_case(engine, session, labels, slices, folder, keep_images, progress, 
         features = embedding.features if isinstance(embedding.features, list) else [embedding.features]
         if not level_files:
             level_files = [np.lib.format.open_memmap(partial / f"features{n}.npy", "w+", np.float16,
-                                                     (len(slices), *f.shape[1:])) for n, f in enumerate(features)]  # fmt: skip
+                                                     (len(slices), *f.shape[1:]))
+                           for n, f in enumerate(features)]  # fmt: skip
             if keep_images:
                 largest = max(max(session.model_image_shape(SlicePlane(SLICE_AXIS, s))) for s in slices)
                 images_file = np.lib.format.open_memmap(partial / "images.npy", "w+", np.float16,

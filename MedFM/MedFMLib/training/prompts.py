@@ -64,7 +64,9 @@ def first_prompt(kind: str, mask: np.ndarray, rng: np.random.Generator, box_only
     return Prompts2D(_pick(np.argwhere(mask), 1, rng), [1])
 
 
-def correction_click(prediction: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int] | None:
+def correction_click(
+    prediction: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, int] | None:
     """A click in the larger error, drawn uniformly from it: ((x, y), 1 for missed object / 0 for false alarm)."""
     missed = mask & ~prediction
     false_alarm = prediction & ~mask

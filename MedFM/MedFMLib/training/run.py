@@ -83,6 +83,7 @@ def finetune(
     if not train_cases or not val_cases:
         raise MedFMError("Fine-tuning needs training cases and validation cases.")
     store.check_new_name(name, replacing=resume)
+    config.check(box_only=tuple(store.info(base).prompts) == ("box",))  # before minutes of embedding
     if not resume and (work / "state.pt").is_file():
         (work / "state.pt").unlink()  # a new run: an old run's checkpoint must not be mixed in
     engine = load_base_engine(base, store, device, checkpoint)
@@ -102,12 +103,13 @@ def finetune(
         try:
             sets.append(embed_cases(engine, cases, folder, keep_images, embedding_progress, stop))
         except KeyboardInterrupt:
-            raise MedFMError("Stopped while embedding the slices; nothing was trained. Run again to continue.") from None
+            raise MedFMError("Stopped while embedding the slices; nothing was trained. Run again to go on.") from None
     trainer = FineTuner(engine, sets[0], sets[1], config, work)
     result = trainer.run(progress, stop, resume)
     trainer.merge_lora()
     card = make_card(base, store.info(base), sets[0], train_cases, val_cases, config, result)
-    path = store.save_finetuned(name, engine.model.state_dict(), base, card, sam2=hasattr(engine.model, "forward_image"))
+    is_sam2 = hasattr(engine.model, "forward_image")
+    path = store.save_finetuned(name, engine.model.state_dict(), base, card, sam2=is_sam2)
     _write_history(work, result)
     return FinetuneRun(name, base, path, card, result, work, list(train_cases), list(val_cases))
 

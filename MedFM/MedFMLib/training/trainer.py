@@ -131,7 +131,8 @@ class FineTuner:
                     return [f.float() for f in self.model.forward_image(self.engine.model_input(image))["backbone_fpn"]]
                 x, _ = self.engine.model_input(image)
                 return self.model.image_encoder(x).float()
-        levels = [torch.from_numpy(np.array(level)).to(self.engine.device).float()[None] for level in dataset.features(obj)]
+        device = self.engine.device
+        levels = [torch.from_numpy(np.array(level)).to(device).float()[None] for level in dataset.features(obj)]
         return levels if hasattr(self.model, "forward_image") else levels[0]
 
     # -------------------------------------------------------------- measures

@@ -47,6 +47,7 @@ from ..protocol import (
     decode_array,
     parse_json,
 )
+from .finetune_jobs import FINETUNE_PATH, FinetuneJobs, add_finetune_routes, short_job_path
 from .gpu_queue import GpuQueue, QueuedEngine
 from .guard import short_path
 from .replies import build_reply, propagation_summary
@@ -90,6 +91,8 @@ class ServerConfig:
     max_undo: int = 50
     #: propagation jobs running at once, all sessions together (one per session at most)
     max_jobs: int = 2
+    #: a finished fine-tuning job's model is offered to every user at once (else saved in the store only)
+    publish_finetunes: bool = False
 
 
 class ModelRegistry:
@@ -152,6 +155,12 @@ class ModelRegistry:
                 self._engines[name] = engine if volumetric else QueuedEngine(engine, self.queue)
             return self._engines[name]
 
+    def publish(self, name: str) -> None:
+        """Offer a model from now on: a fine-tune this server made, with --publish-finetunes."""
+        with self._lock:
+            if name not in self.config.models:
+                self.config.models.append(name)
+
 
 def _arguments(args) -> dict:
     """Validated arguments as the session method takes them (options as PropagationOptions)."""
@@ -213,6 +222,7 @@ def create_app(config: ServerConfig, store=None):
         config.cache_mb * 2**20,
         config.max_jobs,
     )
+    finetunes = FinetuneJobs(config, registry)
     stop_sweeping = threading.Event()
 
     def sweep() -> None:
@@ -228,6 +238,7 @@ def create_app(config: ServerConfig, store=None):
         sweeper.start()
         yield
         stop_sweeping.set()
+        finetunes.close()
         manager.close_all()
         queue.stop()
 
@@ -238,14 +249,15 @@ def create_app(config: ServerConfig, store=None):
         return JSONResponse({"error": kind, "message": message}, status_code=status, headers=_version_headers())
 
     def is_upload(request: Request) -> bool:
-        return request.method == "POST" and request.url.path.rstrip("/") == "/v1/sessions"
+        return request.method == "POST" and request.url.path.rstrip("/") in ("/v1/sessions", FINETUNE_PATH)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         """Token, protocol version and body size, before any route reads anything; one log line per request."""
         started = time.monotonic()
         response = await check_and_call(request, call_next)
-        log.info("%s %s %d (%.0f ms)", request.method, short_path(request.url.path), response.status_code,
+        path = short_path(short_job_path(request.url.path))
+        log.info("%s %s %d (%.0f ms)", request.method, path, response.status_code,
                  1000 * (time.monotonic() - started))  # fmt: skip
         return response
 
@@ -337,6 +349,7 @@ def create_app(config: ServerConfig, store=None):
                 "max_jobs": config.max_jobs,
             },
             "queue": dict(vars(queue.stats), pending=queue.pending),
+            "finetune": finetunes.describe(),
         }
 
     def upload_plan(header: dict) -> tuple[VolumeHeader, dict, int, int]:
@@ -498,6 +511,7 @@ def create_app(config: ServerConfig, store=None):
     async def cancel_job(session_id: str, job_id: str):
         return await guarded(job_state, session_id, job_id, True)
 
+    add_finetune_routes(app, finetunes, failure)
     return app
 
 

@@ -175,3 +175,34 @@ class VolumeHeader(Strict):
     window: Optional[Annotated[list[Finite], Field(min_length=2, max_length=2)]] = None
     isotropic: Optional[bool] = None
     parts: list[int]
+
+
+class FinetuneSettings(Strict):
+    """A fine-tuning job's settings (the decoder trains; see ``training.trainer.FinetuneConfig``)."""
+
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 20
+    lr: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 1e-4
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 8
+    prompts: Annotated[list[Literal["box", "points", "clicks"]], Field(min_length=1, max_length=3)] = [
+        "box", "points", "clicks",
+    ]  # fmt: skip
+    seed: Annotated[int, Field(ge=0, lt=2**31)] = 0
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+
+
+class FinetuneCase(Strict):
+    """One case of a fine-tuning upload: its geometry, and how its image and label map are encoded."""
+
+    ijk_to_ras: Annotated[list[MatrixRow], Field(min_length=4, max_length=4)]
+    image: dict
+    labels: dict
+
+
+class FinetuneHeader(Strict):
+    """The JSON header of a fine-tuning upload (each case's image, then its label map, are the frame's parts)."""
+
+    base: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    config: FinetuneSettings = FinetuneSettings()
+    cases: Annotated[list[FinetuneCase], Field(max_length=500)]
+    parts: list[int]

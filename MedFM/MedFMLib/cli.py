@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "seconds per case, per box and per click")  # fmt: skip
     bench.add_argument("--volume-sizes", metavar="SIZES", help="3D models: volumes to time, e.g. 128,256x256x160 "
                                                                "(the default)")  # fmt: skip
+    bench.add_argument("--finetune", action="store_true", help="fine-tuning: embedding per slice, epoch per 100 slices")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     _add_server_options(bench, "compare clicks through this MedFM server with the same clicks in-process")
 

@@ -115,7 +115,7 @@ def test_sam2_fine_tunes_and_saves_in_its_format(tmp_path, monkeypatch):
 
     store, base = _store(tmp_path, monkeypatch, sam2=True)
     cases = phantom_cases(6, seed=3)
-    run = finetune(cases[:4], cases[4:], base, "phantom_sam2", store, _config(epochs=5), tmp_path / "work", "cpu")
+    run = finetune(cases[:4], cases[4:], base, "phantom_sam2", store, _config(epochs=3), tmp_path / "work", "cpu")
     assert run.result.best_dice >= run.result.dice_before + SAM2_MARGIN
     assert run.checkpoint.suffix == ".pt"
     assert set(torch.load(run.checkpoint, map_location="cpu", weights_only=True)) == {"model"}

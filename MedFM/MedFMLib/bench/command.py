@@ -45,6 +45,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         print(json.dumps(result) if args.json else format_remote_report(result))
         return 0
+    if args.finetune:
+        from .finetune import format_finetune_report, run_finetune_benchmark
+
+        result = run_finetune_benchmark(args.model, device=args.device, checkpoint=args.checkpoint,
+                                        random_weights=args.random_weights, slices=args.slices)  # fmt: skip
+        print(json.dumps(result) if args.json else format_finetune_report(result))
+        return 0
     if args.evaluate:
         from .evaluation import format_evaluation_report, run_evaluation_benchmark
 

@@ -172,12 +172,14 @@ class Sam2Engine(TorchEngine):
         features = [f.float() for f in features]
         shapes = tuple(tuple(f.shape[1:]) for f in features)
         if self._position_encodings is None or self._position_encodings[0] != shapes:
-            # Sine encodings depend only on each map's size: computed once, not stored with every slice.
-            with torch.inference_mode():
+            # Sine encodings depend only on each map's size: computed once, not stored with every slice. Made as
+            # ordinary tensors (not inference tensors, even when a click's decode asks first), so that
+            # fine-tuning's backward pass may keep them too.
+            with torch.inference_mode(False), torch.no_grad():
                 encode = self.model.image_encoder.neck.position_encoding
-                self._position_encodings = (shapes, [encode(f[:1]).to(f.dtype) for f in features])
-        encodings = [e.clone() if torch.is_grad_enabled() else e for e in self._position_encodings[1]]
-        encodings = [e.expand(f.shape[0], *e.shape[1:]) for e, f in zip(encodings, features)]
+                self._position_encodings = (shapes, [encode(torch.empty(1, *s)).to(f.device) for s, f in
+                                                     zip(shapes, features)])  # fmt: skip
+        encodings = [e.expand(f.shape[0], *e.shape[1:]) for e, f in zip(self._position_encodings[1], features)]
         return {"backbone_fpn": features, "vision_pos_enc": encodings}
 
     # ---------------------------------------------------------------- decode

@@ -63,6 +63,9 @@ class TrainingProgress:
         elif not tty and phase == "embedding" and done == total:
             self.stream.write(f"embedded {total} slices\n")
 
+    def finish(self) -> None:
+        self._end_line()
+
     def _end_line(self) -> None:
         if self.open_line:
             self.stream.write("\n")
@@ -97,7 +100,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     progress = TrainingProgress()
     run = finetune(train_cases, val_cases, args.model, args.name, store, config, work, args.device, args.checkpoint,
                    args.resume, progress)  # fmt: skip
-    progress._end_line()
+    progress.finish()
     result = run.result
     figures = {"name": args.name, "base": args.model, "validation_dice_before": round(result.dice_before, 4),
                "validation_dice_after": round(result.best_dice, 4), "best_epoch": result.best_epoch,

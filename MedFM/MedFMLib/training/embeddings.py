@@ -69,13 +69,24 @@ def case_fingerprint(case) -> str:
 
 @dataclass(frozen=True)
 class TrainingObject:
-    """One object on one slice: where its features are, its mask on the encoded image, its low-res target."""
+    """One object on one slice: where its features are; its mask on the encoded image and its low-res target
+    are read from the memory-mapped cache when asked for, so a large dataset never sits in memory whole."""
 
     case: int
     slice: int  # index into the case's slices
     label: int
-    mask: np.ndarray  # bool, on the encoded image's grid
-    target: np.ndarray  # float in [0, 1], on the decoder's low-res grid
+    source: CaseEmbeddings
+    number: int  # index into the case's objects
+
+    @property
+    def mask(self) -> np.ndarray:
+        """Bool, on the encoded image's grid."""
+        return self.source.mask(self.number)
+
+    @property
+    def target(self) -> np.ndarray:
+        """Float in [0, 1], on the decoder's low-res grid."""
+        return np.asarray(self.source.targets[self.number], dtype=np.float32)
 
 
 class CaseEmbeddings:
@@ -102,15 +113,15 @@ class CaseEmbeddings:
         shape = self.slices[index]["shape"]
         return np.asarray(self.images[index, : shape[0], : shape[1]], dtype=np.float32)
 
+    def mask(self, number: int) -> np.ndarray:
+        entry = self.meta["objects"][number]
+        rows, cols = self.slices[entry["slice"]]["shape"]
+        bits = self._bits[entry["offset"] : entry["offset"] + (rows * cols + 7) // 8]
+        return np.unpackbits(np.asarray(bits), count=rows * cols).reshape(rows, cols).astype(bool)
+
     def objects(self, case_index: int) -> list[TrainingObject]:
-        found = []
-        for number, entry in enumerate(self.meta["objects"]):
-            rows, cols = self.slices[entry["slice"]]["shape"]
-            bits = self._bits[entry["offset"] : entry["offset"] + (rows * cols + 7) // 8]
-            mask = np.unpackbits(np.asarray(bits), count=rows * cols).reshape(rows, cols).astype(bool)
-            found.append(TrainingObject(case_index, entry["slice"], entry["label"], mask,
-                                        np.asarray(self.targets[number], dtype=np.float32)))  # fmt: skip
-        return found
+        return [TrainingObject(case_index, entry["slice"], entry["label"], self, number)
+                for number, entry in enumerate(self.meta["objects"])]  # fmt: skip
 
 
 class EmbeddingSet:
@@ -158,31 +169,34 @@ def embed_cases(
     from ..interaction.session import Session
 
     folder.mkdir(parents=True, exist_ok=True)
+    # Every case is read and checked before minutes of encoding, but only its slice list is kept: it is read
+    # again when its turn comes (seconds, against minutes of encoding), so a dataset never sits in memory whole.
+    pending: dict[int, list[int]] = {}
+    for index, case in enumerate(cases):
+        if not (folder / f"case{index:04d}" / "meta.json").is_file():
+            _, labels = _load(case)
+            pending[index] = [int(k) for k in np.flatnonzero(labels.any(axis=(1, 2)))]
+    total, done = sum(len(slices) for slices in pending.values()), 0
     loaded = []
-    total_done = 0
-    plans = []
     for index, case in enumerate(cases):
         case_folder = folder / f"case{index:04d}"
-        if (case_folder / "meta.json").is_file():
-            plans.append((case_folder, None, None))
-            continue
-        try:
-            volume, labels = case.load()
-        except CaseError as exc:
-            raise MedFMError(f"Cannot train on {exc}") from None
-        session = Session(volume, engine)
-        slices = [int(k) for k in np.flatnonzero(labels.any(axis=(1, 2)))]
-        plans.append((case_folder, session, (labels, slices)))
-    total = sum(len(plan[2][1]) for plan in plans if plan[1] is not None)
-    for case_folder, session, payload in plans:
-        if session is not None:
-            _embed_case(engine, session, *payload, case_folder, keep_images, progress, total_done, total, stop)
-            total_done += len(payload[1])
+        if index in pending:
+            volume, labels = _load(case)
+            _embed_case(engine, Session(volume, engine), labels, pending[index], case_folder, keep_images, progress,
+                        done, total, stop)  # fmt: skip
+            done += len(pending[index])
         loaded.append(CaseEmbeddings(case_folder))
     embedded = EmbeddingSet(folder, loaded)
     if not embedded.objects:
         raise MedFMError("The labels hold no object large enough to train on (each needs a few pixels on a slice).")
     return embedded
+
+
+def _load(case) -> tuple[Volume, np.ndarray]:
+    try:
+        return case.load()
+    except CaseError as exc:
+        raise MedFMError(f"Cannot train on {exc}") from None
 
 
 def _embed_case(engine, session, labels, slices, folder, keep_images, progress, done, total, stop) -> None:

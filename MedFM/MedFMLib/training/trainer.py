@@ -148,10 +148,11 @@ class FineTuner:
             for obj in dataset.objects:
                 info = dataset.slice_info(obj)
                 features = self._features(dataset, obj, grad=False)
-                prompts = Prompts2D(box=tight_box(obj.mask))
+                truth = obj.mask  # unpacked from the cache once
+                prompts = Prompts2D(box=tight_box(truth))
                 low_res, _ = self.engine.decoder_forward(features, prompts, info["shape"], info["input_size"])
                 mask = self.engine.image_mask(low_res[:, :1], info["input_size"], info["shape"])[0, 0].cpu().numpy()
-                scores.append(_dice(mask, obj.mask))
+                scores.append(_dice(mask, truth))
         return float(np.mean(scores)) if scores else 0.0
 
     def _object_loss(self, obj: TrainingObject, rng: np.random.Generator):
@@ -162,7 +163,8 @@ class FineTuner:
         features = self._features(self.train_set, obj, grad=True)
         target = torch.from_numpy(obj.target).to(self.engine.device)[None, None]
         kind = self.config.prompts[int(rng.integers(len(self.config.prompts)))]
-        prompts = first_prompt(kind, obj.mask, rng, self.box_only)
+        reference = obj.mask  # unpacked from the cache once
+        prompts = first_prompt(kind, reference, rng, self.box_only)
         rounds = 1 + (self.config.corrections if kind == "clicks" else 0)
         mask_input, losses = None, []
         for round_index in range(rounds):
@@ -179,7 +181,7 @@ class FineTuner:
                 break
             chosen = low_res[:, best : best + 1].detach()
             prediction = self.engine.image_mask(chosen, input_size, shape)[0, 0].cpu().numpy()
-            click = correction_click(prediction, obj.mask, rng)
+            click = correction_click(prediction, reference, rng)
             if click is None:
                 break
             prompts, mask_input = with_click(prompts, *click), chosen

@@ -15,7 +15,7 @@ $(VENV)/.base: pyproject.toml
 
 # sam2's optional CUDA extension is skipped: MedFM does its own hole filling.
 $(VENV)/.full: $(VENV)/.base pyproject.toml
-	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q -e ".[sam,sam2,server,openvino,evaluate,app,vista3d,nninteractive,finetune,test]"
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q -e ".[sam,sam2,server,openvino,evaluate,app,vista3d,nninteractive,finetune,ray,test]"
 	touch $@
 
 # What the app's headless tests draw with: OSMesa (VTK) and the X/xcb libraries Qt's plugins link to.

@@ -365,3 +365,19 @@ def start_server(tmp_path):
     yield start
     for server in started:
         server.stop()
+
+
+# ------------------------------------------------------------------ Ray
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole run, started at first use and shut down at the end.
+
+    It is told of one GPU it does not have, for placement only (a session's share, an annotator's actor);
+    the models run on the CPU. No dashboard, a bounded object store, a short temporary folder, loopback
+    only; `ray stop` is never used (it would end every Ray process on the machine).
+    """
+    from MedFMLib.scale.cluster import start_local, stop
+
+    info = start_local(num_cpus=2, num_gpus=1, object_store_bytes=10**9)
+    yield info
+    stop(info)

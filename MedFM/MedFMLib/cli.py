@@ -147,31 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     _add_server_options(bench, "compare clicks through this MedFM server with the same clicks in-process")
 
-    serve = commands.add_parser("serve", help="run a MedFM server for Slicer and the CLI (needs medfm[server])")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--token-file", help="a file holding the clients' token (default: $MEDFM_TOKEN, else one "
-                       "made at first start and saved)")  # fmt: skip
-    serve.add_argument("--token", help="the token itself: other users see it in `ps`; prefer --token-file")
-    serve.add_argument("--tls-cert", help="TLS certificate (PEM); with --tls-key the server speaks HTTPS")
-    serve.add_argument("--tls-key", help="TLS private key (PEM)")
-    serve.add_argument("--models", help="comma-separated models to offer (default: classic and every downloaded one)")
-    serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps")
-    _add_runtime_options(serve)
-    serve.add_argument("--random-weights", action="store_true", help="full-size random-weight models (benchmarks)")
-    serve.add_argument("--session-ttl", type=float, default=1800.0, help="seconds an idle session lives (default 1800)")
-    serve.add_argument("--max-session-mb", type=int, default=4096, help="memory limit of one session (default 4096)")
-    serve.add_argument("--max-total-mb", type=int, default=16384, help="memory limit of all sessions (default 16384)")
-    serve.add_argument("--cache-mb", type=int, default=1024, help="embedding cache of each session (default 1024)")
-    serve.add_argument("--max-upload-mb", type=int, default=1024, help="largest compressed upload (default 1024)")
-    serve.add_argument("--max-batch", type=int, default=4, help="encodes batched together on the GPU (default 4)")
-    serve.add_argument("--max-objects", type=int, default=64, help="objects per session (default 64)")
-    serve.add_argument("--max-prompts", type=int, default=2000, help="points and boxes per session (default 2000)")
-    serve.add_argument("--max-undo", type=int, default=50, help="undo steps kept per session (default 50)")
-    serve.add_argument("--max-jobs", type=int, default=2, help="propagations running at once, in all (default 2)")
-    serve.add_argument("--publish-finetunes", action="store_true", help="offer the models that fine-tuning "
-                       "jobs make here to every user at once (default: kept in the store, not served)")  # fmt: skip
+    from .remote.server.command import add_parser as add_serve_parser
 
+    add_serve_parser(commands)
     from .evaluation.command import add_parser as add_evaluate_parser
 
     add_evaluate_parser(commands)
@@ -181,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .training.command import add_parser as add_finetune_parser
 
     add_finetune_parser(commands)
+    from .scale.command import add_parser as add_annotate_parser
+
+    add_annotate_parser(commands)
 
     demo = commands.add_parser("demo", help="segment a generated sample volume and write the result")
     demo.add_argument("--out-dir", default="demo_output", help="folder for the sample and the result")
@@ -477,71 +458,6 @@ def _model_info(store, name: str | None) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from .home import default_home
-    from .models.store import ModelStore
-    from .remote.server import check_token, load_or_create_token, serve
-    from .remote.server.app import ServerConfig
-
-    if args.token:
-        print("medfm serve: warning: --token shows the token to every user of this computer (`ps`); "
-              "use --token-file or $MEDFM_TOKEN.", file=sys.stderr)  # fmt: skip
-    token = args.token or read_token_file(args.token_file) or os.environ.get("MEDFM_TOKEN")
-    if token:
-        token = check_token(token)
-    else:
-        token, created = load_or_create_token(default_home())
-        path = default_home() / "server_token"
-        if created:
-            print(f"MedFM server token (shown this once; saved in {path}, readable by you only):\n  {token}")
-            print("Give it to this server's users: Slicer's MedFM module (Remote server) or --token / $MEDFM_TOKEN.")
-        else:
-            print(f"Using the token saved in {path} at first start.", flush=True)
-    store = ModelStore()
-    if args.models:
-        models = [name.strip() for name in args.models.split(",") if name.strip()]
-    else:
-        models = [n for n, info in store.models().items() if not info.needs_weights or store.is_ready(n)]
-    if not (1 <= args.port <= 65535):
-        raise MedFMError(f"--port {args.port} is not a port number (1 to 65535).")
-    limits = (args.session_ttl, args.max_session_mb, args.max_total_mb, args.cache_mb, args.max_upload_mb)
-    counts = (args.max_batch, args.max_objects, args.max_prompts, args.max_jobs)
-    if min(limits) <= 0 or min(counts) < 1 or args.max_undo < 0:
-        raise MedFMError("--session-ttl, the memory limits, --max-upload-mb and the --max-* counts must be positive.")
-    if not args.cache_mb < args.max_session_mb <= args.max_total_mb:
-        raise MedFMError("Give --cache-mb < --max-session-mb <= --max-total-mb: each session's cache counts in both.")
-    config = ServerConfig(
-        token=token,
-        models=models,
-        device=args.device,
-        runtime=args.runtime,
-        fast=args.fast,
-        random_weights=args.random_weights,
-        session_ttl_seconds=args.session_ttl,
-        max_session_mb=args.max_session_mb,
-        max_total_mb=args.max_total_mb,
-        cache_mb=args.cache_mb,
-        max_upload_mb=args.max_upload_mb,
-        max_batch=args.max_batch,
-        max_objects=args.max_objects,
-        max_prompts=args.max_prompts,
-        max_undo=args.max_undo,
-        max_jobs=args.max_jobs,
-        publish_finetunes=args.publish_finetunes,
-    )
-    serve(config, host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key)
-    return 0
-
-
-def read_token_file(path: str | None) -> str | None:
-    if not path:
-        return None
-    try:
-        return Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise MedFMError(f"Cannot read the token file {path}: {exc.strerror}.") from None
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -567,10 +483,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(_join_negative_coordinates(sys.argv[1:] if argv is None else argv))
     from .bench.command import cmd_bench
     from .evaluation.command import cmd_evaluate
+    from .remote.server.command import cmd_serve
+    from .scale.command import cmd_annotate
     from .training.command import cmd_finetune
 
     handlers = {"segment": cmd_segment, "models": cmd_models, "bench": cmd_bench, "demo": cmd_demo, "serve": cmd_serve,
-                "evaluate": cmd_evaluate, "app": _cmd_app, "finetune": cmd_finetune}  # fmt: skip
+                "evaluate": cmd_evaluate, "app": _cmd_app, "finetune": cmd_finetune, "annotate": cmd_annotate}  # fmt: skip
     if args.command is None:
         parser.print_help()
         return 2

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from MedFMLib.imaging.phantoms import Ellipsoid, make_ijk_to_ras, render
+from MedFMLib.interaction.propagation import PropagationOptions, StopCriteria
 from MedFMLib.testing import write_tiny_sam2_catalog, write_tiny_sam_catalog, write_tiny_volume_catalog
 
 GEOMETRIES = {
@@ -365,6 +366,78 @@ def start_server(tmp_path):
     yield start
     for server in started:
         server.stop()
+
+
+# ------------------------------------------------------------------ a remote session's script
+# Random tiny models have no idea of quality: let propagation run to the box's ends.
+LENIENT = PropagationOptions(
+    criteria=StopCriteria(
+        min_score=-1e9, min_overlap=0.0, min_area_ratio=0.0, max_area_ratio=1e3, min_object_fraction=0.0
+    )
+)
+
+
+def same_state(local, remote, score_rel: float = 0.0) -> None:
+    """The same objects, masks, prompts, slice states, scores (to ``score_rel``) and history."""
+    assert set(local.objects) == set(remote.objects)
+    for object_id, obj in local.objects.items():
+        assert np.array_equal(obj.mask, remote.mask(object_id)), f"object {object_id}"
+        assert local.prompts(object_id) == remote.prompts(object_id)
+        assert set(obj.slices) == set(remote.objects[object_id].slices)
+        for plane, state in obj.slices.items():
+            mirrored = remote.objects[object_id].slices[plane]
+            assert (state.origin, state.is_anchor) == (mirrored.origin, mirrored.is_anchor)
+            assert state.score == pytest.approx(mirrored.score, rel=score_rel, abs=0)
+    assert (local.can_undo, local.can_redo) == (remote.can_undo, remote.can_redo)
+
+
+def nudge(volume, ras, di: float, dj: float, dk: float = 0.0) -> np.ndarray:
+    """A point moved in voxels from ``ras``, so that it stays on the same slice of an oblique volume."""
+    return volume.ijk_to_ras_points(volume.ras_to_ijk_points(np.asarray(ras)) + np.array([di, dj, dk]))
+
+
+def script(session, centre, volume) -> list:
+    """A user's session: clicks, a correction, propagation, a box, moves, undo and redo; each step's return value."""
+    returned = []
+
+    def record(value) -> None:
+        returned.extend([value, session.labelmap()])  # the value, then every object's mask after the step
+
+    first = session.add_object("first")
+    record(session.add_point(first, centre, view="axial"))
+    record(session.add_point(first, nudge(volume, centre, 3, 2), positive=False, view="axial"))
+    record(session.propagate(first, "both"))
+    record(session.undo())
+    record(session.redo())
+    second = session.add_object("second", color=(0.1, 0.2, 0.3))
+    record(session.set_box(second, nudge(volume, centre, -6, -6), nudge(volume, centre, 6, 6), view="axial"))
+    box_id = max(p.id for p in session.prompts(second))
+    record(session.move_prompt(second, box_id, nudge(volume, centre, 8, 7)))
+    record(session.add_point(second, centre, view="sagittal"))
+    point_id = max(p.id for p in session.prompts(second))
+    record(session.move_prompt(second, point_id, nudge(volume, centre, 0, 1, 2)))
+    record(session.remove_prompt(second, point_id))
+    record(session.clear_object(second))
+    record(session.undo())
+    return returned
+
+
+def same_returns(local_returns, remote_returns, score_rel: float = 0.0) -> None:
+    def scores(updates):
+        return [pytest.approx(u.score, rel=score_rel, abs=0) if u.score is not None else None for u in updates]
+
+    for local_value, remote_value in zip(local_returns, remote_returns):
+        if isinstance(local_value, list):
+            assert [(u.object_id, u.plane) for u in local_value] == [(u.object_id, u.plane) for u in remote_value]
+            assert scores(remote_value) == [u.score for u in local_value]
+        elif hasattr(local_value, "stops"):
+            assert local_value.stops == remote_value.stops
+            assert local_value.slices_written == remote_value.slices_written
+            assert local_value.describe() == remote_value.describe()
+        else:
+            assert (local_value.object_id, local_value.plane) == (remote_value.object_id, remote_value.plane)
+            assert scores([remote_value]) == [local_value.score]
+            assert (local_value.mask is None) == (remote_value.mask is None)
 
 
 # ------------------------------------------------------------------ Ray

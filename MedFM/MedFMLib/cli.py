@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--clients", type=int, help="--server: this many users at once (latency and errors under load)")
     bench.add_argument("--evaluate", metavar="DATASET", help="time the cvpr25 protocol on a labelled dataset: "
                        "seconds per case, per box and per click")  # fmt: skip
+    bench.add_argument("--annotate", metavar="DATASET", help="cases per minute of `medfm annotate` (boxes from "
+                       "labels) on a labelled dataset, in-process and on a local Ray cluster")  # fmt: skip
     bench.add_argument("--volume-sizes", metavar="SIZES", help="3D models: volumes to time, e.g. 128,256x256x160 "
                                                                "(the default)")  # fmt: skip
     bench.add_argument("--finetune", action="store_true", help="fine-tuning: embedding per slice, epoch per 100 slices")
@@ -488,7 +490,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .training.command import cmd_finetune
 
     handlers = {"segment": cmd_segment, "models": cmd_models, "bench": cmd_bench, "demo": cmd_demo, "serve": cmd_serve,
-                "evaluate": cmd_evaluate, "app": _cmd_app, "finetune": cmd_finetune, "annotate": cmd_annotate}  # fmt: skip
+                "evaluate": cmd_evaluate, "app": _cmd_app, "finetune": cmd_finetune,
+                "annotate": cmd_annotate}  # fmt: skip
     if args.command is None:
         parser.print_help()
         return 2

@@ -10,11 +10,16 @@ import numpy as np
 import pytest
 
 from conftest import (
+    LENIENT,
     SERVER_TOKEN,
     ServerProcess,
     add_fiducials,
     add_segmentation_node,
+    nudge,
     run_medfm,
+    same_returns,
+    same_state,
+    script,
     server_home,
     sphere_volume,
     voxel_of,
@@ -23,7 +28,7 @@ from MedFMLib.engines import Prompts2D, create_engine
 from MedFMLib.errors import PromptError
 from MedFMLib.imaging.geometry import SlicePlane, extract_slice
 from MedFMLib.imaging.io import read_volume, write_volume
-from MedFMLib.interaction.propagation import PropagationOptions, StopCriteria, dice
+from MedFMLib.interaction.propagation import dice
 from MedFMLib.interaction.session import Session
 from MedFMLib.remote.client import RemotePropagationResult, RemoteSession, ServerConnection
 
@@ -35,14 +40,6 @@ def server(tmp_path_factory, tiny_sam_catalog):
     process.start()
     yield process
     process.stop()
-
-
-# Random tiny models have no idea of quality: let propagation run to the box's ends.
-LENIENT = PropagationOptions(
-    criteria=StopCriteria(
-        min_score=-1e9, min_overlap=0.0, min_area_ratio=0.0, max_area_ratio=1e3, min_object_fraction=0.0
-    )
-)
 
 
 @pytest.fixture(autouse=True)
@@ -57,68 +54,6 @@ def connect(server, **kwargs) -> ServerConnection:
 def local_engine(model: str, tiny_sam_catalog):
     checkpoint = None if model == "classic" else tiny_sam_catalog.parent / "sam_tiny.pth"
     return create_engine(model, checkpoint=checkpoint, device="cpu")
-
-
-def same_state(local: Session, remote: RemoteSession) -> None:
-    """The same objects, masks, prompts, slice states, scores and history."""
-    assert set(local.objects) == set(remote.objects)
-    for object_id, obj in local.objects.items():
-        assert np.array_equal(obj.mask, remote.mask(object_id)), f"object {object_id}"
-        assert local.prompts(object_id) == remote.prompts(object_id)
-        assert set(obj.slices) == set(remote.objects[object_id].slices)
-        for plane, state in obj.slices.items():
-            mirrored = remote.objects[object_id].slices[plane]
-            assert (state.origin, state.is_anchor) == (mirrored.origin, mirrored.is_anchor)
-            assert state.score == mirrored.score
-    assert (local.can_undo, local.can_redo) == (remote.can_undo, remote.can_redo)
-
-
-def nudge(volume, ras, di: float, dj: float, dk: float = 0.0) -> np.ndarray:
-    """A point moved in voxels from ``ras``, so that it stays on the same slice of an oblique volume."""
-    return volume.ijk_to_ras_points(volume.ras_to_ijk_points(np.asarray(ras)) + np.array([di, dj, dk]))
-
-
-def script(session, centre, volume) -> list:
-    """A user's session: clicks, a correction, propagation, a box, moves, undo and redo; each step's return value."""
-    returned = []
-
-    def record(value) -> None:
-        returned.extend([value, session.labelmap()])  # the value, then every object's mask after the step
-
-    first = session.add_object("first")
-    record(session.add_point(first, centre, view="axial"))
-    record(session.add_point(first, nudge(volume, centre, 3, 2), positive=False, view="axial"))
-    record(session.propagate(first, "both"))
-    record(session.undo())
-    record(session.redo())
-    second = session.add_object("second", color=(0.1, 0.2, 0.3))
-    record(session.set_box(second, nudge(volume, centre, -6, -6), nudge(volume, centre, 6, 6), view="axial"))
-    box_id = max(p.id for p in session.prompts(second))
-    record(session.move_prompt(second, box_id, nudge(volume, centre, 8, 7)))
-    record(session.add_point(second, centre, view="sagittal"))
-    point_id = max(p.id for p in session.prompts(second))
-    record(session.move_prompt(second, point_id, nudge(volume, centre, 0, 1, 2)))
-    record(session.remove_prompt(second, point_id))
-    record(session.clear_object(second))
-    record(session.undo())
-    return returned
-
-
-def same_returns(local_returns, remote_returns) -> None:
-    for local_value, remote_value in zip(local_returns, remote_returns):
-        if isinstance(local_value, list):
-            assert [(u.object_id, u.plane, u.score) for u in local_value] == [
-                (u.object_id, u.plane, u.score) for u in remote_value
-            ]
-        elif hasattr(local_value, "stops"):
-            assert local_value.stops == remote_value.stops
-            assert local_value.slices_written == remote_value.slices_written
-            assert local_value.describe() == remote_value.describe()
-        else:
-            assert (local_value.object_id, local_value.plane, local_value.score) == (
-                remote_value.object_id, remote_value.plane, remote_value.score,
-            )  # fmt: skip
-            assert (local_value.mask is None) == (remote_value.mask is None)
 
 
 @pytest.mark.parametrize(("model", "geometry"), [("classic", "oblique_lps"), ("sam_tiny", "oblique_anisotropic")])

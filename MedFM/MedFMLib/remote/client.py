@@ -191,7 +191,7 @@ class ServerConnection:
             kind, message = "", data[:200].decode("utf-8", "replace")
         if status == 401:
             raise RemoteError(f"The MedFM server at {self.url} refused the token: {message}")
-        if status == 404 and kind == "SessionGone":
+        if status in (404, 410) and kind in ("SessionGone", "SessionLost"):
             raise SessionGoneError(message)
         if kind in _ERRORS:
             raise _ERRORS[kind](message)

@@ -47,7 +47,7 @@ def _describe(ray, started: bool) -> ClusterInfo:
 
 def start_local(num_cpus: int | None = None, num_gpus: float | None = None, object_store_bytes: int | None = None,
                 temp_dir: str | None = None) -> ClusterInfo:  # fmt: skip
-    """A Ray cluster on this machine, listening on loopback only, without the dashboard."""
+    """A Ray cluster on this machine, without the dashboard (Ray 2.60 guards it with a token of its own)."""
     ray = import_ray()
     os.environ.pop("RAY_ADDRESS", None)  # a set RAY_ADDRESS would make ray.init join instead of start
     try:
@@ -66,6 +66,7 @@ def start_local(num_cpus: int | None = None, num_gpus: float | None = None, obje
 def join(address: str) -> ClusterInfo:
     """Join a running cluster (``ray start --head`` printed its address)."""
     ray = import_ray()
+    _check_reachable(address)
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
     except Exception as exc:  # noqa: BLE001
@@ -74,6 +75,22 @@ def join(address: str) -> ClusterInfo:
             "`ray start --head` and give the address it prints, or give --ray alone for a local one."
         ) from None
     return _describe(ray, False)
+
+
+def _check_reachable(address: str) -> None:
+    """A host:port nobody answers on is said at once (Ray itself retries for minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return  # "auto", a ray:// client address: Ray finds or reports it
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise MedFMError(
+            f"Could not join the Ray cluster at {address} ({exc.strerror or exc}); start one with "
+            "`ray start --head` and give the address it prints, or give --ray alone for a local one."
+        ) from None
 
 
 @contextmanager
@@ -86,8 +103,8 @@ def ray_cluster(address: str | None = None, num_gpus: float | None = None):
     if ray.is_initialized():
         yield _describe(ray, False)
         return
-    info = join(address) if address else start_local(num_gpus=num_gpus)
     previous = signal.getsignal(signal.SIGTERM)
+    info = join(address) if address else start_local(num_gpus=num_gpus)
 
     def terminate(signum, frame):
         raise KeyboardInterrupt

@@ -18,232 +18,115 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import math
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from ... import __version__
-from ...errors import MedFMError, ModelError, PromptError, ProtocolError, VolumeError
-from ...imaging.geometry import SlicePlane
-from ...imaging.intensity import Window
-from ...imaging.volume import Volume
-from ...interaction.session import Session
-from ...interaction.volume_session import VolumeSession
-from ..protocol import (
-    FRAME_CONTENT_TYPE,
-    MAX_HEADER_BYTES,
-    PROTOCOL_VERSION,
-    available_codecs,
-    declared_bytes,
-    decode_array,
-    parse_json,
-)
+from ..protocol import FRAME_CONTENT_TYPE, MAX_HEADER_BYTES, PROTOCOL_VERSION, available_codecs
 from .finetune_jobs import FINETUNE_PATH, FinetuneJobs, add_finetune_routes, short_job_path
-from .gpu_queue import GpuQueue, QueuedEngine
+from .gpu_queue import GpuQueue
 from .guard import short_path
-from .replies import build_reply, propagation_summary
-from .schemas import JOB_METHODS, METHODS, VOLUME_METHODS, EncodePlanes, VolumeHeader
-from .sessions import LimitReached, ServerFull, ServerSession, SessionGone, SessionManager, TooLarge
+from .operations import (  # noqa: F401 - ServerConfig and ModelRegistry are imported from here too
+    LocalSessions,
+    ModelRegistry,
+    ServerConfig,
+    error_reply,
+    upload_plan,
+)
+from .sessions import SessionManager
 from .upload import BODY_IDLE_SECONDS, UploadReader
 
 log = logging.getLogger("medfm.server")
 
-#: HTTP status per error a client can cause
-_STATUS = {
-    SessionGone: 404,
-    TooLarge: 413,
-    ServerFull: 503,
-    ProtocolError: 400,
-    PromptError: 400,
-    VolumeError: 400,
-    ModelError: 409,
-    LimitReached: 409,
-}
 
+class LocalBackend:
+    """The plain server's sessions: all in this process, sharing one GPU queue and one memory budget."""
 
-@dataclass
-class ServerConfig:
-    token: str
-    models: list[str] = field(default_factory=lambda: ["classic"])
-    device: str = "auto"
-    #: what runs SAM-family encoders on a CPU: auto (OpenVINO when installed), torch, openvino; fast: bf16
-    runtime: str = "auto"
-    fast: bool = False
-    random_weights: bool = False
-    session_ttl_seconds: float = 1800.0
-    max_session_mb: int = 4096
-    max_total_mb: int = 16384
-    cache_mb: int = 1024
-    max_upload_mb: int = 1024
-    max_batch: int = 4
-    #: per session: objects, prompts (points and boxes) and undo steps
-    max_objects: int = 64
-    max_prompts: int = 2000
-    max_undo: int = 50
-    #: propagation jobs running at once, all sessions together (one per session at most)
-    max_jobs: int = 2
-    #: a finished fine-tuning job's model is offered to every user at once (else saved in the store only)
-    publish_finetunes: bool = False
-
-
-class ModelRegistry:
-    """The models a server offers; each is loaded on first use and shared by all sessions through the queue."""
-
-    def __init__(self, config: ServerConfig, queue: GpuQueue, store=None) -> None:
-        from ...models.store import ModelStore
-
-        self.config = config
-        self.queue = queue
-        self.store = store if store is not None else ModelStore()
-        self._engines: dict[str, QueuedEngine] = {}
-        self._lock = threading.Lock()
-        for name in config.models:
-            self.store.info(name)  # an unknown name stops the server at start, with the catalog's message
-
-    def state(self, name: str) -> str:
-        if name in self._engines:
-            return "loaded"
-        if self.config.random_weights or self.store.is_ready(name):
-            return "ready"
-        return "not downloaded"
-
-    def describe(self) -> list[dict]:
-        listed = []
-        for name in self.config.models:
-            info = self.store.info(name)
-            listed.append(
-                {
-                    "name": name,
-                    "state": self.state(name),
-                    "engine": info.engine,
-                    "kind": info.kind,
-                    "prompts": list(info.prompts),
-                    "license": info.license,
-                    "commercial_use": info.commercial_use,
-                }
-            )
-        return listed
-
-    def engine(self, name: str) -> QueuedEngine:
-        if name not in self.config.models:
-            raise ModelError(f"This server does not offer '{name}'; it offers {', '.join(self.config.models)}.")
-        with self._lock:  # one load per model, however many users ask at once
-            if name not in self._engines:
-                if self.state(name) == "not downloaded":
-                    raise ModelError(
-                        f"'{name}' is not downloaded on the server; its administrator can run "
-                        f"`medfm models download {name}` there."
-                    )
-                from ...engines import create_engine
-
-                log.info("loading model %s on %s", name, self.config.device)
-                engine = create_engine(
-                    name, device=self.config.device, random_weights=self.config.random_weights, store=self.store,
-                    runtime=self.config.runtime, fast=self.config.fast, notify=log.info,
-                )  # fmt: skip
-                # A 3D engine holds one session's volume at a time (its lock): it does not batch through the queue.
-                volumetric = getattr(engine, "kind", "slice") == "volume"
-                self._engines[name] = engine if volumetric else QueuedEngine(engine, self.queue)
-            return self._engines[name]
-
-    def publish(self, name: str) -> None:
-        """Offer a model from now on: a fine-tune this server made, with --publish-finetunes."""
-        with self._lock:
-            if name not in self.config.models:
-                self.config.models.append(name)
-
-
-def _arguments(args) -> dict:
-    """Validated arguments as the session method takes them (options as PropagationOptions)."""
-    values = {name: getattr(args, name) for name in type(args).model_fields}
-    if "options" in values:
-        values["options"] = None if args.options is None else args.options.to_options()
-    return values
-
-
-def check_counts(served: ServerSession, method: str, config: ServerConfig) -> None:
-    """Objects and prompts per session are capped: every reply lists the objects, and each costs memory."""
-    session = served.session
-    if method == "add_object" and len(session.objects) >= config.max_objects:
-        raise LimitReached(
-            f"This session has {len(session.objects)} objects, the server's limit; apply or remove some first."
+    def __init__(self, config: ServerConfig, registry: ModelRegistry) -> None:
+        self.config, self.registry = config, registry
+        self.manager = SessionManager(
+            config.session_ttl_seconds,
+            config.max_session_mb * 2**20,
+            config.max_total_mb * 2**20,
+            config.cache_mb * 2**20,
+            config.max_jobs,
         )
-    if method in VOLUME_METHODS and not getattr(session, "volumetric", False):
-        raise PromptError(f"This session's model ({served.model}) takes no {method[4:].replace('_', ' ')}; "
-                          "use a 3D model such as nninteractive.")  # fmt: skip
-    if method in ("add_point", "set_box", "set_roi", "plan_roi", *VOLUME_METHODS):
-        count = getattr(session, "volume_prompts", session.prompts)
-        prompts = sum(len(count(object_id)) for object_id in session.objects)
-        if prompts >= config.max_prompts:
-            raise LimitReached(
-                f"This session holds {prompts} prompts, the server's limit; apply or clear objects first."
-            )
+        self.sessions = LocalSessions(config, registry, self.manager)
+        self._stop_sweeping = threading.Event()
 
+    def start(self) -> None:
+        threading.Thread(target=self._sweep, name="MedFM session sweeper", daemon=True).start()
 
-def call_method(served: ServerSession, method: str, args) -> object:
-    """Run one validated session method; plans are kept for a later ``apply_propagation``."""
-    session = served.session
-    values = _arguments(args)
-    if method == "apply_propagation":
-        result = served.results.get(args.result)
-        if result is None:
-            raise PromptError(f"Propagation result {args.result} is not on the server any more; propagate again.")
-        return session.apply_propagation(result)
-    if method == "repropagate":
-        axis, index = values.pop("plane")
-        if axis > 2:
-            raise PromptError(f"Axis {axis} does not exist; a plane's axis is 0, 1 or 2.")
-        return session.repropagate(values["object_id"], SlicePlane(axis, index), values["options"])
-    if method in ("plan_propagation", "plan_roi"):
-        result = getattr(session, method)(**values)
-        return {"propagation": propagation_summary(result, served.keep_result(result))}
-    return getattr(session, method)(**values)
+    def stop(self) -> None:
+        self._stop_sweeping.set()
+        self.manager.close_all()
+
+    def _sweep(self) -> None:
+        interval = max(0.2, min(30.0, self.config.session_ttl_seconds / 4))
+        while not self._stop_sweeping.wait(interval):
+            for served in self.manager.expire():
+                log.info("session %s expired after %.0f s idle; %d in use", served.id[:6],
+                         self.config.session_ttl_seconds, len(self.manager))  # fmt: skip
+
+    def describe(self) -> dict:
+        return {"sessions": len(self.manager), "memory_mb": round(self.manager.nbytes / 2**20, 1)}
+
+    async def open(self, header: dict, reader) -> dict:
+        """Room is reserved and the model loaded before the voxels are read; they stream into one buffer."""
+        spec, meta, volume_bytes, voxels = upload_plan(header)
+        with self.manager.admission(volume_bytes, voxels):
+            engine = await run_in_threadpool(self.registry.engine, spec.model)  # a wrong model costs no upload
+            (blob,) = await reader.parts()
+            return await run_in_threadpool(self.sessions.create_session, spec, meta, blob, engine)
+
+    async def close(self, session_id: str) -> bool:
+        closed = self.manager.close(session_id)
+        if closed is not None:
+            log.info("session %s closed by its client; %d in use", session_id[:6], len(self.manager))
+        return closed is not None
+
+    async def call(self, session_id: str, body: bytes, codec: str) -> bytes:
+        return await run_in_threadpool(self.sessions.call, session_id, body, codec)
+
+    async def encode(self, session_id: str, body: bytes) -> dict:
+        return await run_in_threadpool(self.sessions.encode, session_id, body)
+
+    async def start_job(self, session_id: str, body: bytes) -> dict:
+        return await run_in_threadpool(self.sessions.start_job, session_id, body)
+
+    async def job_state(self, session_id: str, job_id: str, cancel: bool = False) -> dict:
+        return await run_in_threadpool(self.sessions.job_state, session_id, job_id, cancel)
 
 
 # ------------------------------------------------------------------- app
-def create_app(config: ServerConfig, store=None):
-    """The ASGI application (FastAPI); ``medfm serve`` runs it with uvicorn."""
+def create_app(config: ServerConfig, store=None, backend=None):
+    """The ASGI application (FastAPI); ``medfm serve`` runs it with uvicorn, ``--ray`` on Ray Serve.
 
+    ``backend`` holds the sessions: in this process (the default), or in Ray actors.
+    """
     queue = GpuQueue(config.max_batch)
     registry = ModelRegistry(config, queue, store)
-    manager = SessionManager(
-        config.session_ttl_seconds,
-        config.max_session_mb * 2**20,
-        config.max_total_mb * 2**20,
-        config.cache_mb * 2**20,
-        config.max_jobs,
-    )
-    finetunes = FinetuneJobs(config, registry)
-    stop_sweeping = threading.Event()
-
-    def sweep() -> None:
-        interval = max(0.2, min(30.0, config.session_ttl_seconds / 4))
-        while not stop_sweeping.wait(interval):
-            for served in manager.expire():
-                log.info("session %s expired after %.0f s idle; %d in use", served.id[:6], config.session_ttl_seconds,
-                         len(manager))  # fmt: skip
+    backend = backend if backend is not None else LocalBackend(config, registry)
+    # Fine-tuning jobs run beside the plain server's sessions; a backend elsewhere (Ray) says where they run.
+    finetunes = FinetuneJobs(config, registry) if getattr(backend, "runs_finetunes", True) else None
 
     @asynccontextmanager
     async def lifespan(app):
-        sweeper = threading.Thread(target=sweep, name="MedFM session sweeper", daemon=True)
-        sweeper.start()
+        backend.start()
         yield
-        stop_sweeping.set()
-        finetunes.close()
-        manager.close_all()
+        if finetunes is not None:
+            finetunes.close()
+        backend.stop()
         queue.stop()
 
     app = FastAPI(title="MedFM", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.manager, app.state.registry, app.state.queue = manager, registry, queue
+    app.state.backend, app.state.registry, app.state.queue = backend, registry, queue
 
     def error(status: int, kind: str, message: str):
         return JSONResponse({"error": kind, "message": message}, status_code=status, headers=_version_headers())
@@ -304,24 +187,17 @@ def create_app(config: ServerConfig, store=None):
         return response
 
     def failure(exc: BaseException):
-        if isinstance(exc, ValidationError):
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "body"
-            return error(422, "InvalidArgument", f"Invalid '{where}': {first['msg']}.")
-        if isinstance(exc, MedFMError):
-            status = next((code for kind, code in _STATUS.items() if isinstance(exc, kind)), 400)
-            return error(status, type(exc).__name__, str(exc))
+        reply = error_reply(exc)
+        if reply is not None:
+            return error(*reply)
         if isinstance(exc, ClientDisconnect):
             return error(400, "ClientDisconnect", "The client went away before its request was complete.")
-        text = str(exc).lower()
-        if "out of memory" in text:
-            return error(503, "OutOfMemory", "The server's GPU ran out of memory; try again in a moment.")
         log.error("internal error: %s", type(exc).__name__, exc_info=exc)
         return error(500, "InternalError", "The server failed on this request; its log has the details.")
 
-    async def guarded(function, *args):
+    async def guarded(awaitable):
         try:
-            return await run_in_threadpool(function, *args)
+            return await awaitable
         except Exception as exc:  # noqa: BLE001 - every failure becomes one JSON line
             return failure(exc)
 
@@ -336,8 +212,7 @@ def create_app(config: ServerConfig, store=None):
             "protocol": PROTOCOL_VERSION,
             "models": registry.describe(),
             "codecs": available_codecs(),
-            "sessions": len(manager),
-            "memory_mb": round(manager.nbytes / 2**20, 1),
+            **backend.describe(),
             "limits": {
                 "max_session_mb": config.max_session_mb,
                 "max_total_mb": config.max_total_mb,
@@ -349,170 +224,57 @@ def create_app(config: ServerConfig, store=None):
                 "max_jobs": config.max_jobs,
             },
             "queue": dict(vars(queue.stats), pending=queue.pending),
-            "finetune": finetunes.describe(),
-        }
-
-    def upload_plan(header: dict) -> tuple[VolumeHeader, dict, int, int]:
-        """The upload's header, checked: (spec, array description, volume bytes, voxels), before any voxel is read."""
-        spec = VolumeHeader.model_validate(header)
-        if len(header["parts"]) != 1:
-            raise ProtocolError("A volume upload is one frame with one part: the voxels.")
-        meta = spec.array
-        shape = meta.get("shape") if isinstance(meta, dict) else None
-        if not isinstance(shape, list) or len(shape) != 3:
-            raise ProtocolError("The volume must be a 3D array (K, J, I) with at least one voxel along each axis.")
-        if meta.get("dtype") == "bool":
-            raise ProtocolError("The volume must hold numbers, not booleans.")
-        volume_bytes = declared_bytes(meta.get("dtype"), shape)  # Python integers: no wrap-around
-        return spec, meta, volume_bytes, math.prod(shape)
-
-    def create_session(spec: VolumeHeader, meta: dict, blob, engine) -> dict:
-        array = decode_array(meta, blob, max_bytes=manager.max_session_bytes)
-        volume = Volume(array, np.array(spec.ijk_to_ras, dtype=np.float64), name="remote")
-        window = None if spec.window is None else Window(*spec.window)
-        volumetric = getattr(engine, "kind", "slice") == "volume"
-        if volumetric:
-            factory = lambda cache: VolumeSession(volume, engine, max_undo=config.max_undo)  # noqa: E731
-        else:
-            factory = lambda cache: Session(volume, engine, window, cache, spec.isotropic, max_undo=config.max_undo)  # noqa: E731
-        served = manager.create(factory, spec.model)
-        log.info(
-            "session %s created: %s, volume %s %s (%.1f MiB); %d sessions, %.0f MiB in use", served.id[:6],
-            spec.model, "x".join(map(str, array.shape)), meta["dtype"], array.nbytes / 2**20, len(manager),
-            manager.nbytes / 2**20,
-        )  # fmt: skip
-        # A 3D model takes raw intensities: no window to compute (percentiles of a whole CT cost seconds).
-        window = None if volumetric else served.session.window
-        return {
-            "session": served.id,
-            "model": spec.model,
-            "kind": "volume" if volumetric else "slice",
-            "device": engine.device,
-            "prompt_types": list(engine.prompt_types),
-            "classes": sorted(getattr(engine, "classes", {}) or {}),
-            "ttl_seconds": config.session_ttl_seconds,
-            "window": None if window is None else [window.width, window.level],
+            "finetune": finetunes.describe() if finetunes is not None else backend.finetune_description(),
         }
 
     @app.post("/v1/sessions")
     async def post_session(request: Request):
-        """The header is checked and room reserved before the voxels are read; they stream into one buffer."""
+        """The header is checked (and room reserved) before the voxels are read."""
         reader = UploadReader(request, config.max_upload_mb * 2**20)
         try:
-            spec, meta, volume_bytes, voxels = upload_plan(await reader.header())
-            with manager.admission(volume_bytes, voxels):
-                engine = await run_in_threadpool(registry.engine, spec.model)  # a wrong model costs no upload
-                (blob,) = await reader.parts()
-                return await run_in_threadpool(create_session, spec, meta, blob, engine)
+            return await backend.open(await reader.header(), reader)
         except Exception as exc:  # noqa: BLE001 - every failure becomes one JSON line
             return failure(exc)
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str):
-        closed = manager.close(session_id)
-        if closed is not None:
-            log.info("session %s closed by its client; %d in use", session_id[:6], len(manager))
-        return {"closed": closed is not None}
-
-    def call(session_id: str, body: bytes, codec: str) -> bytes:
-        message = parse_json(body)
-        method, sequence = message.get("method"), message.get("seq")
-        if method not in METHODS:
-            raise ProtocolError(f"Unknown method {method!r}; the server knows {', '.join(sorted(METHODS))}.")
-        if sequence is not None and (not isinstance(sequence, int) or isinstance(sequence, bool)):
-            raise ProtocolError("'seq' must be an integer.")
-        args = METHODS[method].model_validate(message.get("args") or {})
-        served = manager.get(session_id)
-        if served.busy:  # its job holds the session: calls never overlap it
-            raise LimitReached("A propagation is running on this session; wait for it, or cancel it.")
-        with served.lock:
-            if sequence is not None and sequence == served.last_sequence and served.last_reply is not None:
-                return served.last_reply  # a retry after a lost reply: the action ran already
-            check_counts(served, method, config)
-            if method == "add_object":
-                manager.check_object_budget(served)
-            value = call_method(served, method, args)
-            manager.settle(served)
-            reply = build_reply(served, value, codec)
-            served.last_sequence, served.last_reply = sequence, reply
-        return reply
+        return await guarded(_closed(backend.close(session_id)))
 
     @app.post("/v1/sessions/{session_id}/call")
     async def post_call(session_id: str, request: Request):
-        codec = _reply_codec(request)
-        reply = await guarded(call, session_id, request.state.body, codec)
+        reply = await guarded(backend.call(session_id, request.state.body, _reply_codec(request)))
         return reply if not isinstance(reply, bytes) else frame_response(reply)
-
-    def encode(session_id: str, body: bytes) -> dict:
-        planes = EncodePlanes.model_validate(parse_json(body)).planes
-        served = manager.get(session_id)
-        session = served.session
-        count = 0
-        if getattr(session, "volumetric", False):
-            return {"encoded": 0}  # a 3D model takes the whole volume at its first interaction
-        for axis, index in planes:
-            if axis > 2 or index >= session.volume.dimensions[axis]:
-                raise PromptError(f"Slice {index} on axis {axis} is outside the volume.")
-            session.embedding(SlicePlane(axis, index))
-            count += 1
-        return {"encoded": count}
 
     @app.post("/v1/sessions/{session_id}/encode")
     async def post_encode(session_id: str, request: Request):
-        return await guarded(encode, session_id, request.state.body)
-
-    def start_job(session_id: str, body: bytes) -> dict:
-        message = parse_json(body)
-        method = message.get("method")
-        if method not in JOB_METHODS:
-            raise ProtocolError(f"Only {' and '.join(JOB_METHODS)} run as jobs, not {method!r}.")
-        args = METHODS[method].model_validate(message.get("args") or {})
-        served = manager.get(session_id)
-        check_counts(served, method, config)
-        values = _arguments(args)
-        planner = getattr(served.session, method)
-        job_id = served.start_job(
-            lambda progress, cancelled: planner(**values, progress=progress, cancel=cancelled), manager.jobs
-        )
-        return {"job": job_id}
+        return await guarded(backend.encode(session_id, request.state.body))
 
     @app.post("/v1/sessions/{session_id}/jobs")
     async def post_job(session_id: str, request: Request):
-        return await guarded(start_job, session_id, request.state.body)
-
-    def job_state(session_id: str, job_id: str, cancel: bool = False) -> dict:
-        served = manager.get(session_id)
-        job = served.jobs.get(job_id)
-        if job is None:
-            raise SessionGone("This propagation job is not on the server (it ended long ago, or the server restarted).")
-        if cancel:
-            job.cancel()
-        plane = None if job.plane is None else [job.plane.axis, job.plane.index]
-        state = {"done": job.done, "total": job.total, "plane": plane, "finished": job.finished}
-        if job.finished:
-            if job.failure is not None:
-                if isinstance(job.failure, MedFMError):
-                    state["error"] = {"error": type(job.failure).__name__, "message": str(job.failure)}
-                else:
-                    log.error("propagation job failed: %s", type(job.failure).__name__, exc_info=job.failure)
-                    state["error"] = {"error": "InternalError", "message": "Propagation failed on the server."}
-            else:
-                with served.lock:
-                    if not job.collected:
-                        job.result_id, job.collected = served.keep_result(job.result), True
-                state["propagation"] = propagation_summary(job.result, job.result_id)
-        return state
+        return await guarded(backend.start_job(session_id, request.state.body))
 
     @app.get("/v1/sessions/{session_id}/jobs/{job_id}")
     async def get_job(session_id: str, job_id: str):
-        return await guarded(job_state, session_id, job_id)
+        return await guarded(backend.job_state(session_id, job_id))
 
     @app.delete("/v1/sessions/{session_id}/jobs/{job_id}")
     async def cancel_job(session_id: str, job_id: str):
-        return await guarded(job_state, session_id, job_id, True)
+        return await guarded(backend.job_state(session_id, job_id, True))
 
-    add_finetune_routes(app, finetunes, failure)
+    if finetunes is not None:
+        add_finetune_routes(app, finetunes, failure)
+    else:
+
+        @app.api_route(FINETUNE_PATH, methods=["POST"])
+        @app.api_route(FINETUNE_PATH + "/{job_id}", methods=["GET", "DELETE"])
+        async def no_finetune(request: Request):
+            return error(501, "NotSupported", backend.finetune_description()["message"])
+
     return app
+
+
+async def _closed(closing) -> dict:
+    return {"closed": await closing}
 
 
 def _version_headers() -> dict:

@@ -36,6 +36,11 @@ FINISHED_JOB_SECONDS = 300.0
 MIN_CACHE_BYTES = 64 * 2**20
 
 
+def new_session_id() -> str:
+    """A session's id: it is also its key, so it is long and random."""
+    return secrets.token_urlsafe(18)
+
+
 class ServerFull(MedFMError):
     """The server's total memory budget would be exceeded."""
 
@@ -180,10 +185,10 @@ class SessionManager:
             with self._lock:
                 self._reserved -= needed
 
-    def create(self, session_factory, model: str) -> ServerSession:
+    def create(self, session_factory, model: str, session_id: str | None = None) -> ServerSession:
         """A new session (within an ``admission`` block): its cache grows only into the server's free memory."""
         cache = EmbeddingCache(self.cache_bytes, headroom=self.free_bytes)
-        served = ServerSession(secrets.token_urlsafe(18), session_factory(cache), model)
+        served = ServerSession(session_id or new_session_id(), session_factory(cache), model)
         served.measure()
         with self._lock:
             self._sessions[served.id] = served

@@ -23,6 +23,9 @@ MAY_IMPORT = {
     "training": {"errors", "home", "imaging", "models", "engines", "interaction", "evaluation"},
     # The scene side picks a local or a remote session, so it sits above both; it fine-tunes from segmentations.
     "mrml": {"errors", "imaging", "models", "engines", "interaction", "remote", "training"},
+    # Ray: sessions in actors behind the server's own app, and batch pre-annotation of evaluation's datasets.
+    "scale": {"errors", "home", "console", "cli_options", "imaging", "models", "engines", "interaction", "evaluation",
+              "remote"},
 }
 
 

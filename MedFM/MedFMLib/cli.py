@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .cli_options import add_runtime_options as _add_runtime_options
+from .cli_options import add_server_options as _add_server_options
 from .console import ProgressBar, SliceProgress, error, human_size, note
 from .errors import MedFMError, ModelError
 
@@ -47,17 +49,6 @@ def _join_negative_coordinates(argv: Sequence[str]) -> list[str]:
         joined.append(token)
         index += 1
     return joined
-
-
-def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--runtime", default="auto", choices=["auto", "torch", "openvino"],
-        help="what runs a SAM-family encoder: auto (OpenVINO on a CPU when installed), torch, openvino",
-    )  # fmt: skip
-    parser.add_argument(
-        "--fast", action="store_true",
-        help="OpenVINO in bf16 where the CPU has it (avx512_bf16, AMX): faster; masks may shift slightly",
-    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--clients", type=int, help="--server: this many users at once (latency and errors under load)")
     bench.add_argument("--evaluate", metavar="DATASET", help="time the cvpr25 protocol on a labelled dataset: "
                        "seconds per case, per box and per click")  # fmt: skip
+    bench.add_argument("--ray-serve", action="store_true", help="what Ray adds per click: the plain server and "
+                       "`serve --ray` side by side on a local cluster (needs medfm[ray])")  # fmt: skip
     bench.add_argument("--annotate", metavar="DATASET", help="cases per minute of `medfm annotate` (boxes from "
                        "labels) on a labelled dataset, in-process and on a local Ray cluster")  # fmt: skip
     bench.add_argument("--volume-sizes", metavar="SIZES", help="3D models: volumes to time, e.g. 128,256x256x160 "
@@ -149,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     _add_server_options(bench, "compare clicks through this MedFM server with the same clicks in-process")
 
-    from .remote.server.command import add_parser as add_serve_parser
+    from .serve_command import add_parser as add_serve_parser
 
     add_serve_parser(commands)
     from .evaluation.command import add_parser as add_evaluate_parser
@@ -171,12 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--checkpoint")
     demo.add_argument("--device", default="auto")
     return parser
-
-
-def _add_server_options(parser: argparse.ArgumentParser, help_text: str) -> None:
-    parser.add_argument("--server", metavar="URL", help=help_text)
-    parser.add_argument("--token", help="the server's token (default: $MEDFM_TOKEN)")
-    parser.add_argument("--ca-cert", help="CA certificate of a server with its own TLS certificate (or $MEDFM_CA_CERT)")
 
 
 def server_credentials(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -485,8 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(_join_negative_coordinates(sys.argv[1:] if argv is None else argv))
     from .bench.command import cmd_bench
     from .evaluation.command import cmd_evaluate
-    from .remote.server.command import cmd_serve
     from .scale.command import cmd_annotate
+    from .serve_command import cmd_serve
     from .training.command import cmd_finetune
 
     handlers = {"segment": cmd_segment, "models": cmd_models, "bench": cmd_bench, "demo": cmd_demo, "serve": cmd_serve,

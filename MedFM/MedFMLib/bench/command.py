@@ -52,6 +52,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                         random_weights=args.random_weights, slices=args.slices)  # fmt: skip
         print(json.dumps(result) if args.json else format_finetune_report(result))
         return 0
+    if args.ray_serve:
+        from .ray_serve import format_ray_serve_report, run_ray_serve_benchmark
+
+        size = args.size if args.size != 512 else 256  # a 512² default is the single-process benchmark's
+        result = run_ray_serve_benchmark(args.model, args.random_weights, args.device, size=size,
+                                         slices=min(args.slices, 24), clicks=args.clicks)  # fmt: skip
+        print(json.dumps(result) if args.json else format_ray_serve_report(result))
+        return 0 if result["masks_equal"] else 1
+    if args.annotate:
+        from .annotate import format_annotate_report, run_annotate_benchmark
+
+        result = run_annotate_benchmark(args.annotate, args.model, device=args.device, checkpoint=args.checkpoint,
+                                        random_weights=args.random_weights, runtime=args.runtime,
+                                        fast=args.fast)  # fmt: skip
+        print(json.dumps(result) if args.json else format_annotate_report(result))
+        return 1 if result["failed"] else 0
     if args.evaluate:
         from .evaluation import format_evaluation_report, run_evaluation_benchmark
 

@@ -258,6 +258,12 @@ def deploy(config, options: RayOptions, host: str, port: int, tls_cert: str | No
     if tls_cert:
         http.update(ssl_certfile=tls_cert, ssl_keyfile=tls_key)
     serve.start(http_options=http)
+    listening = _serve_port()
+    if listening is not None and listening != port:  # Serve runs once per cluster, on the port it started with
+        raise MedFMError(
+            f"Ray Serve already runs on this cluster on port {listening}; give --port {listening}, or stop the "
+            "other Serve application first."
+        )
     actor_options = {"num_cpus": 0}
     if options.env:
         actor_options["runtime_env"] = {"env_vars": dict(options.env)}
@@ -267,12 +273,25 @@ def deploy(config, options: RayOptions, host: str, port: int, tls_cert: str | No
     serve.run(front_end.bind(config, options), name=APP_NAME, route_prefix="/", blocking=False)
 
 
+def _serve_port() -> int | None:
+    try:
+        from ray.serve.context import _get_global_client
+
+        return int(_get_global_client().http_config.port)
+    except (ImportError, AttributeError, TypeError, ValueError):  # a private detail of Ray: not checked then
+        return None
+
+
 def undeploy(started_cluster: bool) -> None:
-    """Take the front end down: Serve entirely on a cluster MedFM started, else only MedFM's application."""
+    """Take the front end down; Serve itself too where nothing else runs on it (its port is then free again)."""
     from ray import serve
 
+    if started_cluster:
+        return  # the cluster's shutdown ends Serve with every other process (serve.shutdown would only add noise)
     try:
-        serve.shutdown() if started_cluster else serve.delete(APP_NAME)
+        serve.delete(APP_NAME)
+        if not serve.status().applications:
+            serve.shutdown()
     except Exception as exc:  # noqa: BLE001 - the cluster may be gone already
         log.warning("could not stop the front end cleanly: %s", str(exc).splitlines()[0] if str(exc) else exc)
 

@@ -7,11 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-from ...errors import MedFMError
+from .errors import MedFMError
 
 
 def add_parser(commands) -> None:
-    from ...cli import _add_runtime_options
+    from .cli_options import add_runtime_options
 
     serve = commands.add_parser("serve", help="run a MedFM server for Slicer and the CLI (needs medfm[server])")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
@@ -23,7 +23,7 @@ def add_parser(commands) -> None:
     serve.add_argument("--tls-key", help="TLS private key (PEM)")
     serve.add_argument("--models", help="comma-separated models to offer (default: classic and every downloaded one)")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps")
-    _add_runtime_options(serve)
+    add_runtime_options(serve)
     serve.add_argument("--random-weights", action="store_true", help="full-size random-weight models (benchmarks)")
     serve.add_argument("--session-ttl", type=float, default=1800.0, help="seconds an idle session lives (default 1800)")
     serve.add_argument("--max-session-mb", type=int, default=4096, help="memory limit of one session (default 4096)")
@@ -48,10 +48,10 @@ def add_parser(commands) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ...home import default_home
-    from ...models.store import ModelStore
-    from . import check_token, load_or_create_token, serve
-    from .app import ServerConfig
+    from .home import default_home
+    from .models.store import ModelStore
+    from .remote.server import check_token, load_or_create_token, serve
+    from .remote.server.app import ServerConfig
 
     if args.token:
         print("medfm serve: warning: --token shows the token to every user of this computer (`ps`); "
@@ -100,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         publish_finetunes=args.publish_finetunes,
     )
     if args.ray:
-        from ...scale.serving import RayOptions, serve_on_ray
+        from .scale.serving import RayOptions, serve_on_ray
 
         options = RayOptions(
             address=None if args.ray == "local" else args.ray, gpus_per_session=args.gpus_per_session,

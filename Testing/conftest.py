@@ -132,12 +132,18 @@ def litemedsam_store():
 
     Not found is a setup error, not a skip: the tests of a real model on real scans must run.
     """
+    import fcntl
+
     from MedFMLib.errors import MedFMError
     from MedFMLib.models.store import ModelStore
 
     store = ModelStore(TEST_CACHE / "home")
+    TEST_CACHE.mkdir(parents=True, exist_ok=True)
     try:
-        store.checkpoint("litemedsam")
+        # One fetch however many test workers ask at once (pytest -n): the others wait for it, then find it.
+        with open(TEST_CACHE / ".fetch.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            store.checkpoint("litemedsam")
     except MedFMError as exc:
         pytest.fail(
             f"LiteMedSAM's weights could not be fetched for the real-model tests ({exc}). They come from the "

@@ -23,6 +23,9 @@ from MedFMLib.imaging.io import read_volume, write_labelmap, write_volume
 from MedFMLib.imaging.volume import ras_to_lps_matrix
 from MedFMLib.scale.annotate import label_box, label_names
 
+# Every test here on one test worker (pytest -n): the run's one Ray cluster is started once.
+pytestmark = pytest.mark.xdist_group("ray")
+
 RAY_LIMIT_S = 240
 PHANTOMS = ("oblique_lps", "lps_anisotropic")
 REAL = {"brain1": ("brain1_image.nrrd", "brain1_label.nrrd"),

@@ -69,7 +69,7 @@ def _wait_serving(connection, timeout: float = 120.0) -> None:
 
 def run_ray_serve_benchmark(
     model: str = "classic", random_weights: bool = False, device: str = "auto", size: int = 256, slices: int = 24,
-    clicks: int = 30, sessions: int = 3,
+    clicks: int = 30, sessions: int = 2,
 ) -> dict:  # fmt: skip
     """Clicks through both servers, alternately; session start-up on both; a session actor's memory."""
     from ..remote.client import RemoteSession, ServerConnection

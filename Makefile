@@ -35,8 +35,9 @@ demo: $(VENV)/.base
 lint: $(VENV)/.full
 	$(PY) -m ruff check MedFM Testing
 
+# Two workers: much of the suite waits on servers, subprocesses and Ray; each file stays on one worker.
 test: lint system-packages
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # Deliberate bugs that the suite must catch, one at a time (Testing/mutation_check.py); about 15 minutes.
 mutants: $(VENV)/.full

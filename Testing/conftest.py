@@ -460,3 +460,13 @@ def ray_cluster():
     info = start_local(num_cpus=2, num_gpus=1, object_store_bytes=10**9)
     yield info
     stop(info)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups into the node ids
+def pytest_collection_modifyitems(items) -> None:
+    """Under `pytest -n 2 --dist loadgroup` (make test): each file's tests stay together on one worker, so a
+    module's fixtures (a server process, a dataset run) are set up once; files that share a group (Ray's)
+    share a worker, and so the run's one Ray cluster."""
+    for item in items:
+        if not any(True for _ in item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

@@ -7,8 +7,9 @@
 
 The driver only counts the rows coming out (the progress bar) and rewrites summary.csv after each one.
 Every stage turns a case's error into a failed row that the next stages pass on: one bad case never fails
-the dataset. Volumes and masks travel between stages as pickled bytes (a binary column): Arrow's tensor
-columns need one shape and type per block, and cases differ in both.
+the dataset. Volumes and masks travel between stages as bytes (a binary column): Arrow's tensor
+columns need one shape and type per block, and cases differ in both. The bytes are numpy's .npz format read
+without pickle: nothing a case holds can run code.
 
 Paths are absolute and the outputs are written by the workers: on a cluster of several machines, the dataset
 and the output folder must be on storage they all share. Ray is imported only here, inside the functions.
@@ -16,9 +17,10 @@ and the output folder must be on storage they all share. Ray is imported only he
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
-import pickle
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -62,6 +64,18 @@ def actor_pool(requested: int | None, cluster_gpus: float, cases: int) -> tuple[
 
 
 # ---------------------------------------------------------------------------------------------- stages
+def pack(**arrays) -> bytes:
+    """Arrays as .npz bytes (no pickle), for a binary column."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def unpack(payload: bytes) -> dict:
+    with np.load(io.BytesIO(payload), allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
 def _failed(row: dict, reason: str) -> dict:
     return dict(row, status=FAILED, reason=reason, payload=b"")
 
@@ -73,7 +87,10 @@ def load_stage(row: dict, job: AnnotationJob) -> dict:
     row = dict(row, status="", reason="", payload=b"", seconds=0.0, segments=0, volume_ml=0.0)
     try:
         volume, labels = load_case(row, job.needs_labels)
-        row["payload"] = pickle.dumps((volume.array, volume.ijk_to_ras, volume.name, labels), protocol=5)
+        arrays = {"image": volume.array, "ijk_to_ras": volume.ijk_to_ras, "name": np.array(volume.name)}
+        if labels is not None:
+            arrays["labels"] = labels
+        row["payload"] = pack(**arrays)
     except Exception as exc:  # noqa: BLE001 - the case fails, the dataset goes on
         row = _failed(row, failure_reason(exc, row["case"]))
     row["seconds"] = time.perf_counter() - started
@@ -105,13 +122,15 @@ class Segmenter:
             return _failed(row, self.error)
         started = time.perf_counter()
         try:
-            array, ijk_to_ras, name, labels = pickle.loads(row["payload"])
-            volume = Volume(array, ijk_to_ras, name=name)
+            arrays = unpack(row["payload"])
+            array, ijk_to_ras, labels = arrays["image"], arrays["ijk_to_ras"], arrays.get("labels")
+            volume = Volume(array, ijk_to_ras, name=str(arrays["name"]))
             segments = segment_case(self.engine, volume, labels, self.job.prompts.get(row["case"]), self.job)
             count, millilitres = measure(segments, ijk_to_ras)
-            packed = [(s.name, np.packbits(s.mask.astype(bool), axis=None), tuple(s.color)) for s in segments]
-            row = dict(row, payload=pickle.dumps((array.shape, ijk_to_ras, packed), protocol=5),
-                       segments=int(count), volume_ml=float(millilitres))  # fmt: skip
+            described = json.dumps([{"name": s.name, "color": [float(c) for c in s.color]} for s in segments])
+            masks = {f"mask{i}": np.packbits(s.mask.astype(bool), axis=None) for i, s in enumerate(segments)}
+            payload = pack(shape=np.array(array.shape), ijk_to_ras=ijk_to_ras, segments=np.array(described), **masks)
+            row = dict(row, payload=payload, segments=int(count), volume_ml=float(millilitres))
         except Exception as exc:  # noqa: BLE001
             row = _failed(row, failure_reason(exc, row["case"]))
         row["seconds"] += time.perf_counter() - started
@@ -125,10 +144,14 @@ def write_stage(row: dict, job: AnnotationJob) -> dict:
         return summary_row(name, FAILED, job.model, seconds=seconds, reason=row["reason"])
     started = time.perf_counter()
     try:
-        shape, ijk_to_ras, packed = pickle.loads(row["payload"])
+        arrays = unpack(row["payload"])
+        shape, ijk_to_ras = tuple(int(n) for n in arrays["shape"]), arrays["ijk_to_ras"]
         size = int(np.prod(shape))
-        segments = [SegmentData(segment, np.unpackbits(bits, count=size).reshape(shape).astype(bool), color)
-                    for segment, bits, color in packed]  # fmt: skip
+        segments = [
+            SegmentData(d["name"], np.unpackbits(arrays[f"mask{i}"], count=size).reshape(shape).astype(bool),
+                        tuple(d["color"]))
+            for i, d in enumerate(json.loads(str(arrays["segments"])))
+        ]  # fmt: skip
         # Writing needs only the grid: its voxels stayed with the segmenter.
         grid = Volume(np.zeros(shape, np.uint8), ijk_to_ras, name=name)
         written = write_case(job.out, name, segments, grid)

@@ -110,18 +110,13 @@ class RayBackend:
         import ray
 
         from ..remote.server.operations import upload_plan
-        from ..remote.server.sessions import MIN_CACHE_BYTES, ServerFull, TooLarge
+        from ..remote.server.sessions import ServerFull, needed_bytes
 
         spec, _, volume_bytes, voxels = upload_plan(header)
         config = self.config
         if spec.model not in config.models:
             raise ModelError(f"This server does not offer '{spec.model}'; it offers {', '.join(config.models)}.")
-        needed = volume_bytes + voxels + min(config.cache_mb * 2**20, MIN_CACHE_BYTES)
-        if needed > config.max_session_mb * 2**20:
-            raise TooLarge(
-                f"This volume needs {needed / 2**20:.0f} MiB on the server, above its per-session limit "
-                f"({config.max_session_mb} MiB); crop it, or ask for a higher --max-session-mb."
-            )
+        needed_bytes(volume_bytes, voxels, config.cache_mb * 2**20, config.max_session_mb * 2**20)
         share = self.gpu_share()
         free = ray.available_resources()
         if share > 0 and free.get("GPU", 0.0) + 1e-9 < share:

@@ -76,7 +76,6 @@ class SessionActor:
         self.opened = threading.Event()
 
     def _guarded(self, work):
-        self.last_call = time.monotonic()
         try:
             return work()
         except Exception as exc:  # noqa: BLE001 - every failure goes back as one line
@@ -143,13 +142,9 @@ class SessionActor:
 
 def session_actor_class():
     """The Ray actor class, with its concurrency groups (Ray imported only here)."""
-    import ray
-
     from .cluster import import_ray
 
-    import_ray()
-    remote = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(SessionActor)
-    return remote
+    return import_ray().remote(concurrency_groups=CONCURRENCY_GROUPS)(SessionActor)
 
 
 #: methods and the group each runs in

@@ -41,6 +41,17 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(18)
 
 
+def needed_bytes(volume_bytes: int, voxels: int, cache_bytes: int, max_session_bytes: int) -> int:
+    """What a new session needs at least (the volume, a first object's mask, a little cache), within its limit."""
+    needed = volume_bytes + voxels + min(cache_bytes, MIN_CACHE_BYTES)
+    if needed > max_session_bytes:
+        raise TooLarge(
+            f"This volume needs {needed / 2**20:.0f} MiB on the server, above its per-session limit "
+            f"({max_session_bytes / 2**20:.0f} MiB); crop it, or ask for a higher --max-session-mb."
+        )
+    return needed
+
+
 class ServerFull(MedFMError):
     """The server's total memory budget would be exceeded."""
 
@@ -160,18 +171,12 @@ class SessionManager:
         return self.max_total_bytes - self.nbytes
 
     def needed_bytes(self, volume_bytes: int, voxels: int) -> int:
-        """What a new session needs at least: the volume, a first object's mask, a little cache."""
-        return volume_bytes + voxels + min(self.cache_bytes, MIN_CACHE_BYTES)
+        return needed_bytes(volume_bytes, voxels, self.cache_bytes, self.max_session_bytes)
 
     @contextmanager
     def admission(self, volume_bytes: int, voxels: int):
         """Check and reserve room for a new session in one step; the reservation ends with the block."""
         needed = self.needed_bytes(volume_bytes, voxels)
-        if needed > self.max_session_bytes:
-            raise TooLarge(
-                f"This volume needs {needed / 2**20:.0f} MiB on the server, above its per-session limit "
-                f"({self.max_session_bytes / 2**20:.0f} MiB); crop it, or ask for a higher --max-session-mb."
-            )
         with self._lock:
             if self.nbytes + needed > self.max_total_bytes:
                 raise ServerFull(

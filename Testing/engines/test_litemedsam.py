@@ -152,21 +152,30 @@ def volume_path(name: str):
 
 
 def test_litemedsam_one_box_propagated_through_brain1_stays_on_the_tumour(litemedsam_store, brain1):
-    """Issue 15: one box on the largest labelled slice, then propagate both ways. Before the appearance rule the
-    walk went through the whole volume (3D Dice 0.48). Measured now: 0.766, every walk ending within the tumour's
-    slices; the issue's target is 0.80 (not reached: slices 11-12 hold a second focus no carried box reaches)."""
+    """Issue 15: one box on the largest labelled slice, then propagate both ways, must give 3D Dice >= 0.80 with
+    no slice written more than one slice beyond the tumour. Before the appearance rule the walk went through the
+    whole volume (0.48); with it, 0.767. The rest comes from widening a carried box that the mask fills to a side
+    (slice 13 grows 2.5x over slice 14): 0.800, the same with torch and OpenVINO."""
+    from MedFMLib.interaction.propagation import PropagationOptions
     from MedFMLib.interaction.session import Session
 
     volume, label = brain1
     label = label > 0
-    session = Session(volume, create_engine("litemedsam", device="cpu", store=litemedsam_store))
+    engine = create_engine("litemedsam", device="cpu", store=litemedsam_store)
     k = int(np.argmax(label.sum(axis=(1, 2))))
     _, low, high = next(box for box in reference_boxes(volume, label) if box[0] == k)
-    tumour = session.add_object()
-    session.set_box(tumour, low, high)
-    result = session.propagate(tumour, "both")
-    mask = session.mask(tumour)
-    labelled, written = np.flatnonzero(label.any(axis=(1, 2))), np.flatnonzero(mask.any(axis=(1, 2)))
-    assert labelled[0] - 1 <= written[0] and written[-1] <= labelled[-1] + 1
-    assert dice(mask, label) >= 0.75, dice(mask, label)
-    assert "edge" not in {reason for _, _, reason, _ in result.stops}
+    scores = {}
+    cache = None
+    for widenings in (3, 0):
+        session = Session(volume, engine, cache=cache)
+        cache = session.cache  # the second walk decodes the same embeddings again
+        tumour = session.add_object()
+        session.set_box(tumour, low, high)
+        result = session.propagate(tumour, "both", options=PropagationOptions(box_widenings=widenings))
+        mask = session.mask(tumour)
+        labelled, written = np.flatnonzero(label.any(axis=(1, 2))), np.flatnonzero(mask.any(axis=(1, 2)))
+        assert labelled[0] - 1 <= written[0] and written[-1] <= labelled[-1] + 1
+        assert "edge" not in {reason for _, _, reason, _ in result.stops}
+        scores[widenings] = dice(mask, label)
+    assert scores[3] >= 0.80, scores
+    assert scores[0] < scores[3] - 0.02, scores

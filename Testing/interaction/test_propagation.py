@@ -12,7 +12,14 @@ from MedFMLib.errors import PromptError
 from MedFMLib.imaging.geometry import SlicePlane, extract_slice, plane_through, resolve_axis
 from MedFMLib.imaging.phantoms import Ellipsoid, make_ijk_to_ras, render, rotation_matrix
 from MedFMLib.imaging.postprocess import fill_holes, keep_touching_components
-from MedFMLib.interaction.propagation import PropagationOptions, Propagator, StopCriteria, dice, stop_reason
+from MedFMLib.interaction.propagation import (
+    PropagationOptions,
+    Propagator,
+    StopCriteria,
+    dice,
+    stop_reason,
+    widened_box,
+)
 from MedFMLib.interaction.session import Session
 
 # Two oblique, anisotropic geometries (one LPS-like): the phantom is defined in RAS.
@@ -491,3 +498,25 @@ def test_a_3d_box_bounds_every_slice_or_only_its_range(bounded):
     else:
         assert outside[[4, 10]].sum() > 0.5 * (truth[[4, 10]] & ~truth[7]).sum()  # it grew with the column
         assert dice(mask[4:11], truth[4:11]) > 0.9
+
+
+def test_a_carried_box_widens_only_on_the_sides_its_mask_reaches():
+    options = PropagationOptions(box_margin_pixels=3.0, box_widen_fraction=0.25)
+    box = np.array([20.0, 10.0, 39.0, 29.0], np.float32)  # 20 x 20 pixels
+    inside = np.zeros((60, 80), bool)
+    inside[14:26, 24:36] = True
+    assert widened_box(inside, box, options, None) is None
+    left_and_bottom = np.zeros((60, 80), bool)
+    left_and_bottom[14:30, 20:36] = True  # reaches x0 = 20 and y1 = 29
+    np.testing.assert_allclose(widened_box(left_and_bottom, box, options, None), [15.0, 10.0, 39.0, 34.0])
+    # a side at the image's edge, or at a 3D box's footprint, cannot widen
+    at_edge = np.zeros((60, 80), bool)
+    at_edge[14:26, 0:20] = True  # reaches only x0, which is 0
+    assert widened_box(at_edge, np.array([0.0, 10.0, 29.0, 29.0], np.float32), options, None) is None
+    bound = np.array([18.0, 0.0, 79.0, 59.0], np.float32)
+    np.testing.assert_allclose(widened_box(left_and_bottom, box, options, bound), [18.0, 10.0, 39.0, 34.0])
+
+
+def test_only_a_model_that_reads_the_box_as_the_extent_gets_a_wider_box(tiny_sam):
+    assert create_engine("medsam_tiny", checkpoint=tiny_sam, device="cpu").box_is_extent
+    assert not ClassicEngine().box_is_extent

@@ -95,6 +95,9 @@ class Engine(ABC):
     prefers_square_pixels: bool = True
     #: the engine has no logits of its own: give it the previous mask (bool, its image grid) in their place
     refines_from_mask: bool = False
+    #: the model reads a box as the object's extent and keeps its mask inside it: a mask that fills the box to a
+    #: side says the box was drawn too small (propagation widens a carried box then)
+    box_is_extent: bool = True
 
     @property
     def cache_id(self) -> str:

@@ -52,6 +52,8 @@ class ClassicEngine(Engine):
     # Region growing works on the native grid; resampling would only blur its edges.
     prefers_square_pixels = False
     refines_from_mask = True
+    #: its region comes from intensities, not from the box: a wider box only lets a leak through
+    box_is_extent = False
 
     def __init__(self, device: str = "cpu") -> None:
         # Runs on the CPU whatever the caller asked for: there is nothing to accelerate.

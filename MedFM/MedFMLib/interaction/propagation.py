@@ -14,7 +14,9 @@ anchors (intensities inside the object against the tissue around it). On each
 new slice it finds where the object went (the pixels that look like it, near
 the previous mask), and the carried box and point are drawn there rather than
 where the object was; and a new mask that looks mostly like the surroundings
-ends the walk.
+ends the walk. Sections grow between thick slices faster than a carried box's
+margin: a model that reads the box as the object's extent and fills it to a
+side gets that side widened and decodes again (decoder only).
 
 A walk stops where the object ends (its area collapses), where the model
 loses confidence, where the new mask looks unlike the object, stops
@@ -95,6 +97,11 @@ class PropagationOptions:
     #: learn the object's appearance from the anchors: find the object on each new slice by it (the carried
     #: box and point go there), and give it to engines that segment by intensity
     use_appearance: bool = True
+    #: a mask that reaches a side of its carried box says the object goes on past it (it grew since the last
+    #: slice): widen those sides by this fraction (at least ``box_margin_pixels``) and decode again, at most
+    #: ``box_widenings`` times
+    box_widenings: int = 3
+    box_widen_fraction: float = 0.25
     #: after a correction: stop once a slice agrees with its earlier result to this Dice
     converge_dice: float = 0.97
     #: a 3D box bounds every slice by its footprint (a Slicer ROI drawn around the object); False: by its slice
@@ -216,6 +223,26 @@ def carried_prompts(
     if (options.use_point and "point" in prompt_types) or box is None:
         points = np.array([deepest_point(previous_mask)], np.float32)
     return Prompts2D(points, np.ones(len(points), np.int32), box, appearance)
+
+
+def widened_box(
+    mask: np.ndarray, box: np.ndarray, options: PropagationOptions, bound: np.ndarray | None
+) -> np.ndarray | None:
+    """The carried box widened on each side that the mask reaches (within a pixel); None when none can widen."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return None
+    reached = np.array([xs.min() <= box[0] + 1, ys.min() <= box[1] + 1, xs.max() >= box[2] - 1, ys.max() >= box[3] - 1])
+    step_x = max(options.box_margin_pixels, options.box_widen_fraction * (box[2] - box[0] + 1))
+    step_y = max(options.box_margin_pixels, options.box_widen_fraction * (box[3] - box[1] + 1))
+    rows, cols = mask.shape
+    wider = box + np.array([-step_x, -step_y, step_x, step_y], np.float32) * reached
+    wider = np.clip(wider, 0.0, [cols - 1.0, rows - 1.0, cols - 1.0, rows - 1.0])
+    if bound is not None:
+        wider = np.concatenate([np.maximum(wider[:2], bound[:2]), np.minimum(wider[2:], bound[2:])])
+        wider[2:] = np.maximum(wider[2:], wider[:2])
+    wider = wider.astype(np.float32)
+    return None if np.allclose(wider, box) else wider
 
 
 def within_box(state: SliceState, box: np.ndarray | None) -> SliceState:
@@ -423,9 +450,21 @@ class Propagator:
                 carried_logits=self._logits_of(previous) if self.options.use_mask else None,
                 origin=PROPAGATED,
             )
-            state = within_box(self.model.predict(state), footprint)
+            state = within_box(self._widen_to_fit(self.model.predict(state), footprint), footprint)
             yield plane, state
             previous = state
+
+    def _widen_to_fit(self, state: SliceState | None, bound: np.ndarray | None) -> SliceState | None:
+        """Decode again with a wider box while the mask fills its carried box to a side (decoder only)."""
+        widenings = self.options.box_widenings if getattr(self.model.engine, "box_is_extent", True) else 0
+        for _ in range(widenings):
+            if state is None or state.mask is None or state.carried is None or state.carried.box is None:
+                break
+            wider = widened_box(state.mask, state.carried.box, self.options, bound)
+            if wider is None:
+                break
+            state = self.model.predict(replace(state, carried=replace(state.carried, box=wider)))
+        return state
 
     def _logits_of(self, state: SliceState):
         """What the next slice refines from: the model's logits, or the mask itself for an engine without any."""

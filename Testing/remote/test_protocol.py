@@ -123,3 +123,15 @@ def test_changed_region_covers_every_changed_voxel():
             client[region] = mask[region]
         assert np.array_equal(client, mask), f"step {step}"
     assert extent is not None
+
+
+def test_the_servers_propagation_options_are_the_librarys_own():
+    """A field added to PropagationOptions or StopCriteria must be accepted over the wire, with the same default."""
+    from dataclasses import fields
+
+    from MedFMLib.interaction.propagation import PropagationOptions, StopCriteria
+    from MedFMLib.remote.server.schemas import CriteriaArgs, OptionsArgs
+
+    assert set(OptionsArgs.model_fields) == {f.name for f in fields(PropagationOptions)}
+    assert set(CriteriaArgs.model_fields) == {f.name for f in fields(StopCriteria)}
+    assert OptionsArgs().to_options() == PropagationOptions()

@@ -495,7 +495,11 @@ class Session(SessionObjects):
         """
         if not state.has_any_prompt:
             return None
-        if refine_from is not None and refine_from.has_any_prompt:
+        if refine_from is not None and refine_from.has_any_prompt and self.engine.prompt_types == ("box",):
+            # A box-only model does not read the click: its own logits fed back on the same box only drift (a
+            # mask flickering click after click, blobs off the box); it decodes the box afresh.
+            previous = None
+        elif refine_from is not None and refine_from.has_any_prompt:
             previous = refine_from.logits
             if previous is None and self.engine.refines_from_mask:
                 previous = refine_from.mask

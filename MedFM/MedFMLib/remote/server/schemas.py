@@ -46,6 +46,8 @@ class OptionsArgs(Strict):
     use_mask: bool = True
     use_memory: bool = True
     use_appearance: bool = True
+    box_widenings: Annotated[int, Field(ge=0, le=20)] = 3
+    box_widen_fraction: Annotated[float, Field(ge=0.0, le=10.0)] = 0.25
     converge_dice: Annotated[float, Field(ge=0.0, le=1.0)] = 0.97
     roi_bounds_footprint: bool = True
 

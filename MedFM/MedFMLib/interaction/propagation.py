@@ -192,6 +192,13 @@ def deepest_point(mask: np.ndarray) -> tuple[float, float]:
     return float(col - 1), float(row - 1)
 
 
+def clamped_box(box: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """A 2D box (x0, y0, x1, y1) cut to a bounding box, never inside out."""
+    box = np.concatenate([np.maximum(box[:2], bound[:2]), np.minimum(box[2:], bound[2:])])
+    box[2:] = np.maximum(box[2:], box[:2])
+    return box
+
+
 def carried_prompts(
     previous_mask: np.ndarray,
     options: PropagationOptions,
@@ -217,8 +224,7 @@ def carried_prompts(
             dtype=np.float32,
         )
         if bound is not None:  # a 3D box is a hard limit
-            box = np.concatenate([np.maximum(box[:2], bound[:2]), np.minimum(box[2:], bound[2:])])
-            box[2:] = np.maximum(box[2:], box[:2])
+            box = clamped_box(box, bound)
     points = np.zeros((0, 2), np.float32)
     if (options.use_point and "point" in prompt_types) or box is None:
         points = np.array([deepest_point(previous_mask)], np.float32)
@@ -239,8 +245,7 @@ def widened_box(
     wider = box + np.array([-step_x, -step_y, step_x, step_y], np.float32) * reached
     wider = np.clip(wider, 0.0, [cols - 1.0, rows - 1.0, cols - 1.0, rows - 1.0])
     if bound is not None:
-        wider = np.concatenate([np.maximum(wider[:2], bound[:2]), np.minimum(wider[2:], bound[2:])])
-        wider[2:] = np.maximum(wider[2:], wider[:2])
+        wider = clamped_box(wider, bound)
     wider = wider.astype(np.float32)
     return None if np.allclose(wider, box) else wider
 

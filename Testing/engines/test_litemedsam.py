@@ -180,27 +180,3 @@ def test_litemedsam_one_box_propagated_through_brain1_stays_on_the_tumour(liteme
         scores[widenings] = dice(mask, label)
     assert scores[3] >= 0.79, scores
     assert scores[0] < scores[3] - 0.02, scores
-
-
-def test_litemedsam_through_the_cvpr25_protocol_gains_from_every_click_series(litemedsam_store):
-    """Issue 15's instrument on a real model: the challenge's box, then 5 clicks, on brain1 and breast1.
-
-    A box-only model reads a click only through the box it moves. Fed back its own logits on a click it
-    drifted (breast1's final fell below its box step); decoding the box afresh, each lesion ends above its
-    box step. Measured: brain1 0.629 -> 0.692, breast1 0.568 -> 0.616 (mean final 0.654; the issue's target
-    is 0.80, which this model does not reach: its ceiling on breast1 with the reference box on every slice
-    is 0.41)."""
-    from MedFMLib.evaluation.protocols import run_cvpr25
-    from MedFMLib.interaction.session import Session
-
-    engine = create_engine("litemedsam", device="cpu", store=litemedsam_store)
-    finals = []
-    for name in ("brain1", "breast1"):
-        volume, labels = real_case(name)
-        results, final = run_cvpr25(Session(volume, engine), volume, labels > 0)
-        steps = [step["dsc"] for step in results[0].steps]
-        assert len(steps) == 6
-        assert steps[-1] > steps[0], (name, steps)
-        assert final.shape == labels.shape and (final > 0).any()
-        finals.append(steps[-1])
-    assert np.mean(finals) >= 0.64, finals

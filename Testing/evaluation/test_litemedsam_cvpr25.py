@@ -1,0 +1,35 @@
+"""The real LiteMedSAM through issue 15's instrument, the CVPR 2025 protocol, on brain1 and breast1.
+
+In a file of its own so that the test runner can give it to the worker the LiteMedSAM engine tests leave free.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from conftest import real_case
+from MedFMLib.engines import create_engine
+
+
+def test_litemedsam_through_the_cvpr25_protocol_gains_from_every_click_series(litemedsam_store):
+    """Issue 15's instrument on a real model: the challenge's box, then 5 clicks, on brain1 and breast1.
+
+    A box-only model reads a click only through the box it moves. Fed back its own logits on a click it
+    drifted (breast1's final fell below its box step); decoding the box afresh, each lesion ends above its
+    box step. Measured: brain1 0.629 -> 0.692, breast1 0.568 -> 0.616 (mean final 0.654; the issue's target
+    is 0.80, which this model does not reach: its ceiling on breast1 with the reference box on every slice
+    is 0.41)."""
+    from MedFMLib.evaluation.protocols import run_cvpr25
+    from MedFMLib.interaction.session import Session
+
+    engine = create_engine("litemedsam", device="cpu", store=litemedsam_store)
+    finals = []
+    for name in ("brain1", "breast1"):
+        volume, labels = real_case(name)
+        results, final = run_cvpr25(Session(volume, engine), volume, labels > 0)
+        steps = [step["dsc"] for step in results[0].steps]
+        assert len(steps) == 6
+        assert steps[-1] > steps[0], (name, steps)
+        assert final.shape == labels.shape and (final > 0).any()
+        finals.append(steps[-1])
+    assert np.mean(finals) >= 0.64, finals

@@ -14,11 +14,11 @@ from MedFMLib.engines import create_engine
 def test_litemedsam_through_the_cvpr25_protocol_gains_from_every_click_series(litemedsam_store):
     """Issue 15's instrument on a real model: the challenge's box, then 5 clicks, on brain1 and breast1.
 
-    A box-only model reads a click only through the box it moves. Fed back its own logits on a click it
-    drifted (breast1's final fell below its box step); decoding the box afresh, each lesion ends above its
-    box step. Measured: brain1 0.629 -> 0.692, breast1 0.568 -> 0.616 (mean final 0.654; the issue's target
-    is 0.80, which this model does not reach: its ceiling on breast1 with the reference box on every slice
-    is 0.41)."""
+    A box-only model reads a click only through the box it moves: it is given the box alone (a negative
+    point misled it), decoded afresh (its own logits fed back drifted), and a negative click moves a side
+    only past a fringe of the mask (a side through the object made it collapse). Measured: brain1 0.629 ->
+    0.763, breast1 0.568 -> 0.575 (mean final 0.669; the issue's target is 0.80, which this model does not
+    reach: its ceiling on breast1 with the reference box on every slice is 0.41)."""
     from MedFMLib.evaluation.protocols import run_cvpr25
     from MedFMLib.interaction.session import Session
 
@@ -29,7 +29,8 @@ def test_litemedsam_through_the_cvpr25_protocol_gains_from_every_click_series(li
         results, final = run_cvpr25(Session(volume, engine), volume, labels > 0)
         steps = [step["dsc"] for step in results[0].steps]
         assert len(steps) == 6
-        assert steps[-1] > steps[0], (name, steps)
+        assert steps[-1] >= steps[0], (name, steps)  # clicks never leave a lesion worse than its box
         assert final.shape == labels.shape and (final > 0).any()
         finals.append(steps[-1])
-    assert np.mean(finals) >= 0.64, finals
+    assert finals[0] >= 0.72, finals  # brain1: its clicks on slice 15 grow the box to the larger section
+    assert np.mean(finals) >= 0.66, finals

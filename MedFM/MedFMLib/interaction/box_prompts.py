@@ -15,12 +15,27 @@ from ..engines.base import Prompts2D
 from ..imaging.geometry import SlicePlane
 from .objects import SliceState
 
+#: a negative click moves a side only past a fringe of the mask: at most this share of it left outside
+MAX_CUT_SHARE = 0.1
 
-def box_without_negatives(box: np.ndarray, points: Sequence, labels: Sequence[int]) -> np.ndarray:
+
+def _share_outside(mask: np.ndarray, box: np.ndarray) -> float:
+    rows, cols = np.nonzero(mask)
+    if not len(rows):
+        return 0.0
+    inside = (cols >= box[0]) & (cols <= box[2]) & (rows >= box[1]) & (rows <= box[3])
+    return 1.0 - float(inside.mean())
+
+
+def box_without_negatives(
+    box: np.ndarray, points: Sequence, labels: Sequence[int], mask: np.ndarray | None = None
+) -> np.ndarray:
     """Each negative click inside the box moves the box's nearest side past it, unless that would leave out a
-    positive click or make the box thinner than 2 pixels (then the next nearest side moves)."""
+    positive click, make the box thinner than 2 pixels, or (given the slice's ``mask``) leave more than
+    ``MAX_CUT_SHARE`` of the mask outside (then the next nearest side moves; none may: the box stays)."""
     box = np.asarray(box, np.float32).copy()
     positives = [np.asarray(xy, np.float32) for xy, label in zip(points, labels) if label == 1]
+    fringe_only = mask is not None and np.any(mask)
     for (x, y), label in zip(points, labels):
         if label == 1 or not (box[0] <= x <= box[2] and box[1] <= y <= box[3]):
             continue
@@ -28,7 +43,9 @@ def box_without_negatives(box: np.ndarray, points: Sequence, labels: Sequence[in
             moved = box.copy()
             moved[side] = (x, y)[side % 2] + (1.0 if side < 2 else -1.0)
             keeps_positives = all(moved[0] <= px <= moved[2] and moved[1] <= py <= moved[3] for px, py in positives)
-            if moved[2] - moved[0] >= 2 and moved[3] - moved[1] >= 2 and keeps_positives:
+            # A click deep inside the object: the side would cut the object itself, and the model follows its box.
+            keeps_object = not fringe_only or _share_outside(mask, moved) <= MAX_CUT_SHARE
+            if moved[2] - moved[0] >= 2 and moved[3] - moved[1] >= 2 and keeps_positives and keeps_object:
                 box = moved
                 break
     return box

@@ -460,16 +460,21 @@ class Propagator:
             previous = state
 
     def _widen_to_fit(self, state: SliceState | None, bound: np.ndarray | None) -> SliceState | None:
-        """Decode again with a wider box while the mask fills its carried box to a side (decoder only)."""
+        """Decode again with a wider box while the mask fills its carried box to a side (decoder only); kept only
+        if the mask comes to fit a wider box."""
         widenings = self.options.box_widenings if getattr(self.model.engine, "box_is_extent", True) else 0
-        for _ in range(widenings):
+        first = state
+        for attempt in range(widenings + 1):
             if state is None or state.mask is None or state.carried is None or state.carried.box is None:
-                break
+                return state
             wider = widened_box(state.mask, state.carried.box, self.options, bound)
             if wider is None:
+                return state  # it fits its box
+            if attempt == widenings:
                 break
             state = self.model.predict(replace(state, carried=replace(state.carried, box=wider)))
-        return state
+        # Still filling its box after every widening: a leak that grows with its box, not an object past it.
+        return first
 
     def _logits_of(self, state: SliceState):
         """What the next slice refines from: the model's logits, or the mask itself for an engine without any."""

@@ -217,6 +217,20 @@ def test_classic_point_box_and_negative():
         engine.decode(embedding, Prompts2D([[70, 40]], [0]))
 
 
+def test_classic_negative_click_inside_the_object_cuts_a_disc_and_keeps_the_object():
+    """A negative click on the object's own tissue: no tolerance or threshold excludes it without excluding the
+    object too; the click takes a disc away, not the object (a real lung nodule's slice went to Dice 0.0)."""
+    engine = ClassicEngine()
+    noise = np.random.default_rng(1).normal(0.0, 0.03, (96, 120))
+    image = (_disc_image() + noise).astype(np.float32)
+    truth = _disc_image() > 0.5
+    embedding = engine.encode(image)
+    for prompts in (Prompts2D([[70, 40], [76, 44]], [1, 0]), Prompts2D([[76, 44]], [0], box=[45, 15, 95, 65])):
+        mask = engine.decode(embedding, prompts).mask
+        assert not mask[44, 76]
+        assert (mask & truth).sum() >= 0.8 * truth.sum(), prompts
+
+
 # --------------------------------------------------------------- catalog/device
 def test_catalog_entries_are_complete():
     catalog = load_catalog()

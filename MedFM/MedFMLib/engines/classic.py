@@ -37,6 +37,8 @@ _SEED_RADIUS = 2
 _SHRINK_STEPS = 8
 #: log-likelihood-ratio thresholds tried, in turn, until no negative point is inside the object
 _RATIO_STEPS = (0.0, 0.5, 1.0, 2.0, 4.0)
+#: what a negative click must leave of the region: taking more, it took the object itself, and only cuts a disc
+_KEEP_SHARE = 0.1
 
 
 def _neighbourhood(image: np.ndarray, x: float, y: float, radius: int) -> np.ndarray:
@@ -140,6 +142,7 @@ def _region_grow(
     sitk_image = sitk.GetImageFromArray(np.where(allowed, image, np.float32(-10.0)).astype(np.float32))
 
     mask = np.zeros(image.shape, dtype=bool)
+    first = None
     for step in range(_SHRINK_STEPS + 1):
         shrink = 0.75**step
         mask[:] = False
@@ -154,8 +157,11 @@ def _region_grow(
                 upper=centre + tolerance * shrink,
             )
             mask |= sitk.GetArrayViewFromImage(grown).astype(bool)
+        first = mask.copy() if first is None else first
         if not any(mask[r, c] for r, c in negative_pixels):
             break
+    if mask.sum() < _KEEP_SHARE * first.sum():
+        mask = first  # a negative click takes a part away, never the object itself: a disc only
     mask = _cut_around(mask, negative_pixels)
 
     filled = sitk.GetArrayFromImage(
@@ -190,8 +196,12 @@ def _by_appearance(
     """
     rows, cols = image.shape
     seeds = [(int(np.clip(round(y), 0, rows - 1)), int(np.clip(round(x), 0, cols - 1))) for x, y in positives]
+    first = None
     for threshold in _RATIO_STEPS:
         mask = appearance.locate(image, previous, allowed, seeds, threshold, core)
+        first = mask if first is None else first
         if not any(mask[r, c] for r, c in negative_pixels):
             break
+    if mask.sum() < _KEEP_SHARE * first.sum():
+        mask = first  # a negative click takes a part away, never the object itself: a disc only
     return _cut_around(mask, negative_pixels)

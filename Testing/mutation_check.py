@@ -117,7 +117,7 @@ MUTANTS = [
     Mutant("box-only-click-refines-its-own-logits", LIB + "interaction/session.py",
            'refine_from.has_any_prompt and self.engine.prompt_types == ("box",):',
            "refine_from.has_any_prompt and False:",
-           ("Testing/interaction/test_propagation.py::test_a_box_only_model_decodes_a_click_from_its_box_afresh",)),
+           ("Testing/interaction/test_box_only.py::test_a_box_only_model_decodes_a_click_from_its_box_afresh",)),
     Mutant("widening-chases-a-leak", LIB + "interaction/propagation.py",
            "        return first\n", "        return state\n",
            ("Testing/interaction/test_box_only.py::test_a_carried_box_is_widened_only_when_the_mask_comes_to_fit_a_wider_one",)),

@@ -63,8 +63,8 @@ def test_a_negative_click_moves_a_side_past_a_fringe_but_never_through_the_objec
     np.testing.assert_array_equal(box_without_negatives(box, [(20, 25)], [0]), [21, 10, 40, 40])
 
 
-def test_a_box_only_model_is_given_the_box_and_not_the_clicks(tiny_sam):
-    """A click reaches a box-only model through its box alone: the points are not passed on."""
+def _boxed_medsam(tiny_sam):
+    """A tiny MedSAM session with a box drawn around the phantom's centre on its axial slice."""
     volume, _, centre = tapering_phantom(dims=(40, 36, 14), radii=(10.0, 8.0, 12.0))
     engine = create_engine("medsam_tiny", checkpoint=tiny_sam, device="cpu")
     session = Session(volume, engine)
@@ -72,6 +72,13 @@ def test_a_box_only_model_is_given_the_box_and_not_the_clicks(tiny_sam):
     ijk = np.round(volume.ras_to_ijk_points(np.array([centre]))[0])
     corners = volume.ijk_to_ras_points(np.array([ijk - [8, 6, 0], ijk + [8, 6, 0]]))
     session.set_box(obj, corners[0], corners[1], view="axial")
+    return session, engine, obj, ijk
+
+
+def test_a_box_only_model_is_given_the_box_and_not_the_clicks(tiny_sam):
+    """A click reaches a box-only model through its box alone: the points are not passed on."""
+    session, engine, obj, ijk = _boxed_medsam(tiny_sam)
+    volume = session.volume
     plane, boxed = next(iter(session.objects[obj].slices.items()))
     session.add_point(obj, volume.ijk_to_ras_points(np.array([ijk + [2, 1, 0]]))[0], positive=True, view="axial")
     clicked = session.objects[obj].slices[plane]
@@ -82,3 +89,17 @@ def test_a_box_only_model_is_given_the_box_and_not_the_clicks(tiny_sam):
     embedding = session.embedding(plane)
     with_point = engine.decode(embedding, Prompts2D(np.array([[20.0, 18.0]], np.float32), [1], prompts.box))
     assert not np.array_equal(with_point.low_res_logits, engine.decode(embedding, prompts).low_res_logits)
+
+
+def test_a_box_only_model_decodes_a_click_from_its_box_afresh(tiny_sam):
+    """A box-only model cannot read a click: its own logits fed back on the same box would only drift."""
+    session, engine, obj, ijk = _boxed_medsam(tiny_sam)
+    for _ in range(2):
+        session.add_point(obj, session.volume.ijk_to_ras_points(np.array([ijk + [3, 0, 0]]))[0], positive=False,
+                          view="axial")  # fmt: skip
+    plane, state = next(iter(session.objects[obj].slices.items()))
+    prompts = session.slice_prompts(state)
+    fresh = engine.decode(session.embedding(plane), prompts, None)
+    fed_back = engine.decode(session.embedding(plane), prompts, fresh.low_res_logits)
+    np.testing.assert_array_equal(state.mask, session.to_slice_grid(plane, fresh.mask))
+    assert not np.array_equal(fresh.low_res_logits, fed_back.low_res_logits)  # the test can tell them apart

@@ -470,11 +470,10 @@ class Session(SessionObjects):
             labels.extend(int(label) for label in state.carried.labels)
         if box is not None and self.engine.prompt_types == ("box",):
             box = box_without_negatives(box, points, labels, state.mask)
-        appearance = state.carried.appearance if state.carried is not None else None
-        if box is not None and self.engine.prompt_types == ("box",):
             # A box-only model reads no click (a negative one only misleads it: a lung nodule's slice went from
-            # Dice 0.93 to 0.83 with one); each click has moved its box above, and that is all it sees.
+            # Dice 0.93 to 0.83 with one); each click has moved its box, and that is all it sees.
             points, labels = [], []
+        appearance = state.carried.appearance if state.carried is not None else None
         prompts = Prompts2D(np.array(points, np.float32).reshape(-1, 2), labels, box, appearance)
         rows, cols = state.plane.shape(self.volume)
         model_rows, model_cols = self.model_image_shape(state.plane)

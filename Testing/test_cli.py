@@ -121,6 +121,20 @@ def test_segment_with_a_sam_checkpoint(sphere_file, tmp_path, tiny_sam):
     assert not outside.any()
 
 
+def test_segment_says_once_that_a_box_only_model_left_the_clicks_unanswered(sphere_file, tmp_path, tiny_sam):
+    path, volume, _, centre = sphere_file
+    corners = [volume.ijk_to_ras_points(volume.ras_to_ijk_points(centre) + np.array([d, d, 0])) for d in (-8, 8)]
+    inside = [volume.ijk_to_ras_points(volume.ras_to_ijk_points(centre) + np.array([d, 0, 0])) for d in (0, 1)]
+    env = {"MEDFM_CATALOG": os.environ["MEDFM_CATALOG"]}
+    result = run(
+        "segment", path, "--model", "medsam_tiny", "--checkpoint", tiny_sam, "--device", "cpu",
+        "--box", coords(corners[0]) + "," + coords(corners[1]), "--negative", coords(inside[0]),
+        "--negative", coords(inside[1]), "--out", tmp_path / "box.seg.nrrd", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("medsam_tiny reads boxes only") == 1  # two clicks unanswered, said once
+
+
 def test_negative_coordinates_are_read_as_values(sphere_file, tmp_path):
     path, volume, _, _ = sphere_file
     point = volume.ijk_to_ras_points(np.array([3.0, 3.0, 3.0]))

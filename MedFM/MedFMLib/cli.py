@@ -239,10 +239,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         report_propagation(session, object_id)
     for index, box in enumerate([] if three_d else boxes):
         session.set_box(object_id, box[:3], box[3:], view=args.view, keep_other_slices=index > 0)
-    for point in points:
-        session.add_point(object_id, point, positive=True, view=args.view)
-    for point in negatives:
-        session.add_point(object_id, point, positive=False, view=args.view)
+    clicks = [(point, True) for point in points] + [(point, False) for point in negatives]
+    said = [session.add_point(object_id, point, positive=positive, view=args.view).note for point, positive in clicks]
+    for text in dict.fromkeys(text for text in said if text):  # each thing once
+        note(text)
     if args.propagate:
         progress = SliceProgress()
         result = session.propagate(object_id, args.propagate, view=args.view, options=options, progress=progress)

@@ -103,3 +103,17 @@ def test_a_box_only_model_decodes_a_click_from_its_box_afresh(tiny_sam):
     fed_back = engine.decode(session.embedding(plane), prompts, fresh.low_res_logits)
     np.testing.assert_array_equal(state.mask, session.to_slice_grid(plane, fresh.mask))
     assert not np.array_equal(fresh.low_res_logits, fed_back.low_res_logits)  # the test can tell them apart
+
+
+def test_a_click_a_box_only_model_cannot_answer_is_said_so(tiny_sam):
+    """A click that moves no side of the box leaves the mask as it was, and the user is told why and what to do."""
+    session, _, obj, ijk = _boxed_medsam(tiny_sam)
+    volume = session.volume
+    plane, boxed = next(iter(session.objects[obj].slices.items()))
+    inside = session.add_point(obj, volume.ijk_to_ras_points(np.array([ijk + [1, 1, 0]]))[0], positive=False,
+                               view="axial")  # fmt: skip
+    np.testing.assert_array_equal(inside.mask, boxed.mask)
+    assert "medsam_tiny reads boxes only" in inside.note and "redraw the box" in inside.note
+    # A click on the next slice borrows this slice's box and segments a slice that had nothing: nothing to say.
+    below = session.add_point(obj, volume.ijk_to_ras_points(np.array([ijk + [0, 0, 1]]))[0], view="axial")
+    assert below.plane != plane and below.mask.any() and below.note == ""

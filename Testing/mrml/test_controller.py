@@ -226,6 +226,22 @@ def test_a_box_drawn_in_box_mode(editor, phantom):
     assert editor.controller.releaseAt(ORGAN_AT) is False  # no box started
 
 
+def test_a_click_a_box_only_model_cannot_answer_is_said_in_the_status(editor, tiny_sam):
+    editor.logic.store.import_file(tiny_sam, "medsam_tiny")
+    editor.controller._settings.modelName = "medsam_tiny"
+    editor.controller.handleKey("b")
+    editor.click(ras_of((5.0, 12.0, 15.1)))
+    editor.controller.releaseAt(ras_of((24.0, 32.0, 15.1)))
+    editor.idle()
+    boxed = editor.preview().copy()
+    assert editor.controller.status == "" and boxed.any()
+    editor.controller.handleKey("n")
+    editor.click(ORGAN_AT)  # deep inside the box: no side can move past it
+    editor.idle()
+    assert "medsam_tiny reads boxes only" in editor.controller.status
+    np.testing.assert_array_equal(editor.preview(), boxed)
+
+
 # ------------------------------------------------------------------ propagation
 def propagated(editor, direction="both"):
     editor.click(ORGAN_AT)

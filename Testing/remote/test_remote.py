@@ -378,3 +378,16 @@ def test_the_load_benchmark_runs_clients_at_once_and_counts_errors(server):
     assert figures["sessions_after"] == figures["sessions_before"]
     alone = run_medfm("bench", "--clients", "2", env={"MEDFM_TOKEN": SERVER_TOKEN})
     assert alone.returncode == 1 and "--clients needs --server" in alone.stderr
+
+
+def test_a_click_a_box_only_model_cannot_answer_is_said_so_by_the_server_too(server, tiny_sam_catalog):
+    volume, _, centre = sphere_volume("oblique_lps")
+    local = Session(volume, local_engine("medsam_tiny", tiny_sam_catalog))
+    remote = RemoteSession(connect(server), volume, "medsam_tiny")
+    notes = []
+    for session in (local, remote):
+        obj = session.add_object()
+        session.set_box(obj, nudge(volume, centre, -6, -6), nudge(volume, centre, 6, 6), view="axial")
+        notes.append(session.add_point(obj, nudge(volume, centre, 1, 1), positive=False, view="axial").note)
+    assert "medsam_tiny reads boxes only" in notes[0] and notes[1] == notes[0]
+    remote.close()

@@ -19,6 +19,20 @@ from .objects import SliceState
 MAX_CUT_SHARE = 0.1
 
 
+def unanswered_click_note(model_name: str, before: SliceState | None, after: SliceState | None) -> str:
+    """What to tell a user whose click left a box-only model's mask as it was ("" if it changed it).
+
+    A click deep inside the mask moves no side (see ``box_without_negatives``), and one inside the box
+    grows nothing: the model then gives the same answer, and a silent click reads as a broken tool.
+    """
+    if before is None or after is None or before.mask is None or after.mask is None:
+        return ""
+    if not np.array_equal(before.mask, after.mask):
+        return ""
+    return (f"{model_name} reads boxes only, and this click moved no side of the box, so the mask is "
+            f"unchanged: redraw the box, or use a model that reads clicks (SAM, classic).")  # fmt: skip
+
+
 def _share_outside(mask: np.ndarray, box: np.ndarray) -> float:
     rows, cols = np.nonzero(mask)
     if not len(rows):

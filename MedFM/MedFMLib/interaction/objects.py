@@ -90,6 +90,8 @@ class SliceUpdate:
     plane: SlicePlane
     mask: np.ndarray | None
     score: float
+    #: why the action left the mask as it was, for the user ("" when it changed, or when nothing needs saying)
+    note: str = ""
 
 
 def as_ras(point: Sequence[float]) -> tuple[float, float, float]:

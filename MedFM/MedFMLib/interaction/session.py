@@ -36,7 +36,7 @@ from ..imaging.geometry import (
 from ..imaging.intensity import Window, resolve_window
 from ..imaging.resample import isotropic_shape, resize_linear
 from ..imaging.volume import Volume
-from .box_prompts import box_from_neighbour, box_without_negatives
+from .box_prompts import box_from_neighbour, box_without_negatives, unanswered_click_note
 from .cache import EmbeddingCache, EmbeddingKey
 from .objects import (
     PROPAGATED,
@@ -159,7 +159,10 @@ class Session(SessionObjects):
         point = PointPrompt(self._next_prompt_id, ras, bool(positive))
         after = self.predict(replace(state, points=state.points + (point,)), refine_from=state)
         self._next_prompt_id += 1
-        return self._commit([_Change(object_id, plane, before, after)])[0]
+        update = self._commit([_Change(object_id, plane, before, after)])[0]
+        if self.engine.prompt_types == ("box",):
+            update = replace(update, note=unanswered_click_note(self.engine.model_name, before, after))
+        return update
 
     def set_box(
         self,

@@ -402,7 +402,9 @@ class InteractionController(PropagationCommands):
         for item in rejected:
             node = self.scene.GetNodeByID(item.node_id)
             node.RemoveNthControlPoint(node.GetNthControlPointIndexByID(item.point_id))
-        self.status, self.pendingNote = (rejected[-1].message if rejected else self.pendingNote), ""
+        notes = [update.note for update in updates if update.note]  # a click the model could not answer
+        self.status = rejected[-1].message if rejected else notes[-1] if notes else self.pendingNote
+        self.pendingNote = ""
         self.refreshPreview()
         self._repropagateCorrections(updates)
         self._changed()

@@ -420,11 +420,11 @@ class RemoteSession(SessionObjects):
 
     def _updates(self, header: dict) -> list[SliceUpdate]:
         updates = []
-        for object_id, axis, index, score in header.get("updates", []):
+        for object_id, axis, index, score, *note in header.get("updates", []):  # older servers send no note
             plane = SlicePlane(axis, index)
             obj = self.objects.get(object_id)
             state = obj.slices.get(plane) if obj is not None else None
-            updates.append(SliceUpdate(object_id, plane, None if state is None else state.mask, score))
+            updates.append(SliceUpdate(object_id, plane, None if state is None else state.mask, score, *note[:1]))
         return updates
 
     def _single(self, header: dict) -> SliceUpdate:

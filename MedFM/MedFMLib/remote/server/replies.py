@@ -46,7 +46,7 @@ def build_reply(served: ServerSession, value, codec: str) -> bytes:
     changed: dict[int, set[tuple[int, int]]] = {}
     if isinstance(value, SliceUpdate) or (isinstance(value, list) and all(isinstance(v, SliceUpdate) for v in value)):
         updates = [value] if isinstance(value, SliceUpdate) else value
-        header["updates"] = [[u.object_id, u.plane.axis, u.plane.index, float(u.score)] for u in updates]
+        header["updates"] = [[u.object_id, u.plane.axis, u.plane.index, float(u.score), u.note] for u in updates]
         for update in updates:
             changed.setdefault(update.object_id, set()).add((update.plane.axis, update.plane.index))
     elif isinstance(value, PropagationResult):

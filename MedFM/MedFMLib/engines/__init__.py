@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import ModelError
 from .base import Embedding, Engine, Prediction, Prompts2D
+from .cpu_memory import keep_freed_memory
 from .device import resolve_device
 from .runtime import resolve_runtime
 
@@ -48,6 +49,15 @@ def create_engine(
         from .classic import ClassicEngine
 
         return ClassicEngine()
+    options = (checkpoint, device, random_weights, seed, store, progress, runtime, fast, notify)
+    engine = _create_torch_engine(model, info, *options)
+    if getattr(engine, "device", "") == "cpu":
+        keep_freed_memory()  # a third of a CPU encode went on faulting fresh pages in (cpu_memory.py)
+    return engine
+
+
+def _create_torch_engine(model, info, checkpoint, device, random_weights, seed, store, progress, runtime, fast, notify):
+    """A SAM-family, SAM 2 or 3D engine: ``create_engine``'s arguments, the catalog entry read."""
     if info.engine == "sam2":
         return _create_sam2_engine(info, checkpoint, device, random_weights, seed, store, progress)
     if info.kind == "volume":

@@ -12,6 +12,7 @@ behaviour.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import sys
@@ -21,23 +22,19 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 #: blocks up to this size come from the heap and are reused: above any single activation of a 2D encoder
 _MMAP_THRESHOLD = 1 << 30
 _TRIM_THRESHOLD = (1 << 31) - 1
-_applied: list[bool] = []
 
 
+@functools.cache  # once per process
 def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed blocks for reuse, once per process; False where it does not apply."""
-    if _applied:
-        return _applied[0]
-    kept = False
-    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" and (
-        os.environ.get("MEDFM_RETURN_FREED_MEMORY", "") not in ("1", "true", "yes")
-    ):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
-                libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
-            )
-        except (OSError, AttributeError):  # another C library under the same name: leave it be
-            kept = False
-    _applied.append(kept)
-    return kept
+    """Ask glibc to keep freed blocks for reuse; False where it does not apply."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    if os.environ.get("MEDFM_RETURN_FREED_MEMORY", "") in ("1", "true", "yes"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+        )
+    except (OSError, AttributeError):  # another C library under the same name: leave it be
+        return False

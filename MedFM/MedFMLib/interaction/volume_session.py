@@ -59,6 +59,8 @@ class VolumeUpdate:
     offset: tuple[int, int, int]
     mask: np.ndarray
     score: float | None = None
+    #: why the action left the mask as it was (as ``SliceUpdate.note``); a 3D model answers every prompt
+    note: str = ""
 
     @property
     def region(self) -> tuple[slice, slice, slice]:

@@ -281,6 +281,7 @@ class SamEngine(TorchEngine):
         self.preprocessing = preprocessing
         #: what runs the image encoder: the torch module, or its OpenVINO conversion (``use_openvino``)
         self.runtime, self.encoder = "torch", self.model.image_encoder
+        self._prepared = None  # the decoder's prompt-independent work on the last embedding (sam_decoder.py)
 
     def use_openvino(self, cache_dir: Path, fast: bool = False, notify=None) -> None:
         """Run the image encoder through OpenVINO on the CPU (converted once, kept in ``cache_dir``)."""
@@ -363,14 +364,8 @@ class SamEngine(TorchEngine):
             )
         return embeddings
 
-    def decoder_forward(self, features, prompts: Prompts2D, image_shape, input_size, mask_input=None,
-                        multimask: bool = False):  # fmt: skip
-        """Prompt encoder and mask decoder on one image's features: (low-res logits (1, M, h, w), IoU (1, M)).
-
-        ``prompts`` are in the pixels of the image that was encoded (``image_shape``); ``mask_input`` is the
-        previous low-res logits as a (1, 1, h, w) tensor. Gradients flow when called outside inference mode:
-        fine-tuning trains the decoder through this same path.
-        """
+    def prompt_tensors(self, prompts: Prompts2D, image_shape, input_size):
+        """Points (coordinates, labels) and box as the prompt encoder takes them, on the model's input grid."""
         import torch
 
         rows, cols = image_shape
@@ -383,7 +378,17 @@ class SamEngine(TorchEngine):
             points = (coords, labels)
         if scaled.box is not None:
             boxes = torch.as_tensor(scaled.box, device=self.device)[None]
-        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        return points, boxes
+
+    def decoder_forward(self, features, prompts: Prompts2D, image_shape, input_size, mask_input=None,
+                        multimask: bool = False):  # fmt: skip
+        """Prompt encoder and mask decoder on one image's features: (low-res logits (1, M, h, w), IoU (1, M)).
+
+        ``prompts`` are in the pixels of the image that was encoded (``image_shape``); ``mask_input`` is the
+        previous low-res logits as a (1, 1, h, w) tensor. Gradients flow when called outside inference mode:
+        fine-tuning trains the decoder through this same path.
+        """
+        sparse, dense = self.model.prompt_encoder(*self.prompt_tensors(prompts, image_shape, input_size), mask_input)
         return self.model.mask_decoder(
             image_embeddings=features.float(),
             image_pe=self.model.prompt_encoder.get_dense_pe(),
@@ -391,6 +396,16 @@ class SamEngine(TorchEngine):
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
         )
+
+    def prepared_image(self, features):
+        """The decoder's prompt-independent work on an embedding, kept for the last one (a user clicks on one
+        slice at a time; propagation visits each slice once)."""
+        from .sam_decoder import prepare_image, weights_version
+
+        prepared = self._prepared
+        if prepared is None or prepared.features is not features or prepared.weights != weights_version(self.model):
+            prepared = self._prepared = prepare_image(self.model, features)
+        return prepared
 
     def image_mask(self, low_res, input_size, image_shape):
         """Low-res logits (N, 1, h, w) as a boolean mask on the encoded image's grid (N, 1, rows, cols)."""
@@ -421,9 +436,19 @@ class SamEngine(TorchEngine):
                     1, 1, *previous_logits.shape[-2:]
                 )
             input_size = embedding.extra["input_size"]
-            low_res, iou = self.decoder_forward(
-                embedding.features, prompts, embedding.image_shape, input_size, masks, multimask
-            )
+            if masks is None:
+                # The prompt-independent part of the pass is done once per slice (sam_decoder.py says why).
+                from .sam_decoder import decode_masks
+
+                points, boxes = self.prompt_tensors(prompts, embedding.image_shape, input_size)
+                sparse, _ = self.model.prompt_encoder(points, boxes, None)
+                low_res, iou = decode_masks(self.model, self.prepared_image(embedding.features), sparse)
+                # Tokens 1-3 answer a lone click (part, object, whole); token 0 everything else.
+                low_res, iou = (low_res[:, 1:], iou[:, 1:]) if multimask else (low_res[:, :1], iou[:, :1])
+            else:
+                low_res, iou = self.decoder_forward(
+                    embedding.features, prompts, embedding.image_shape, input_size, masks, multimask
+                )
             best = int(torch.argmax(iou[0])) if multimask else 0
             chosen = low_res[:, best : best + 1]
             # Upsample only the chosen mask: the other two would cost as much again.

@@ -73,7 +73,8 @@ def test_sam_decode_matches_segment_anything_predictor(tiny_sam):
     )
     np.testing.assert_array_equal(ours.mask, masks[0, 0].numpy())
     assert ours.score == pytest.approx(float(scores[0, 0]))
-    np.testing.assert_allclose(ours.low_res_logits, low_res[0].numpy(), atol=1e-5)
+    # The same arithmetic in another order (engines/sam_decoder.py): float rounding, on logits of about 50.
+    np.testing.assert_allclose(ours.low_res_logits, low_res[0].numpy(), rtol=1e-5, atol=1e-4)
 
 
 def test_single_point_takes_the_best_of_three_masks(tiny_sam):
@@ -97,7 +98,7 @@ def test_single_point_takes_the_best_of_three_masks(tiny_sam):
     assert iou.shape == (1, 3)
     best = int(torch.argmax(iou[0]))
     assert prediction.score == pytest.approx(float(iou[0, best]))
-    np.testing.assert_allclose(prediction.low_res_logits, low_res[0, best : best + 1].numpy(), atol=1e-5)
+    np.testing.assert_allclose(prediction.low_res_logits, low_res[0, best : best + 1].numpy(), rtol=1e-5, atol=1e-4)
 
 
 def test_previous_logits_change_the_decoding(tiny_sam):

@@ -72,8 +72,9 @@ def test_weights_changed_in_place_are_not_answered_from_the_old_prepared_part(en
     assert not np.allclose(after.low_res_logits, before.low_res_logits, atol=1e-3)
 
 
-def test_a_mask_input_goes_through_segment_anythings_own_pass(engine_and_embedding):
-    """The previous logits change the image side of the pass, which the prepared part assumes fixed."""
+def test_a_click_refined_from_the_previous_logits_gives_segment_anythings_answer(engine_and_embedding):
+    """The previous logits change the image side of the pass: that click computes its own first block, and
+    the slice's prepared part stays as it was for the clicks without a mask input."""
     engine, embedding = engine_and_embedding
     first = engine.decode(embedding, PROMPTS["box"])
     refined = engine.decode(embedding, PROMPTS["box and points"], previous_logits=first.low_res_logits)
@@ -82,4 +83,10 @@ def test_a_mask_input_goes_through_segment_anythings_own_pass(engine_and_embeddi
             embedding.features, PROMPTS["box and points"], embedding.image_shape, embedding.extra["input_size"],
             torch.as_tensor(first.low_res_logits)[None],
         )  # fmt: skip
-    np.testing.assert_allclose(refined.low_res_logits, low_res[0].numpy(), atol=1e-5)
+    assert not np.allclose(refined.low_res_logits, first.low_res_logits, atol=1e-2)
+    np.testing.assert_allclose(refined.low_res_logits, low_res[0].numpy(), rtol=1e-5, atol=1e-4)
+    prepared = engine._prepared
+    assert prepared.features is embedding.features
+    again = engine.decode(embedding, PROMPTS["box"])
+    assert engine._prepared is prepared
+    np.testing.assert_array_equal(again.low_res_logits, first.low_res_logits)

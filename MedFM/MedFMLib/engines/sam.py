@@ -436,19 +436,19 @@ class SamEngine(TorchEngine):
                     1, 1, *previous_logits.shape[-2:]
                 )
             input_size = embedding.extra["input_size"]
-            if masks is None:
-                # The prompt-independent part of the pass is done once per slice (sam_decoder.py says why).
-                from .sam_decoder import decode_masks
+            # The decoder's prompt-independent part is done once per slice (sam_decoder.py says why); a mask
+            # input changes it, so a refining click computes its own.
+            from .sam_decoder import decode_masks, prepare_image
 
-                points, boxes = self.prompt_tensors(prompts, embedding.image_shape, input_size)
-                sparse, _ = self.model.prompt_encoder(points, boxes, None)
-                low_res, iou = decode_masks(self.model, self.prepared_image(embedding.features), sparse)
-                # Tokens 1-3 answer a lone click (part, object, whole); token 0 everything else.
-                low_res, iou = (low_res[:, 1:], iou[:, 1:]) if multimask else (low_res[:, :1], iou[:, :1])
+            points, boxes = self.prompt_tensors(prompts, embedding.image_shape, input_size)
+            sparse, dense = self.model.prompt_encoder(points, boxes, masks)
+            if masks is None:
+                prepared = self.prepared_image(embedding.features)
             else:
-                low_res, iou = self.decoder_forward(
-                    embedding.features, prompts, embedding.image_shape, input_size, masks, multimask
-                )
+                prepared = prepare_image(self.model, embedding.features, dense)
+            low_res, iou = decode_masks(self.model, prepared, sparse)
+            # Tokens 1-3 answer a lone click (part, object, whole); token 0 everything else.
+            low_res, iou = (low_res[:, 1:], iou[:, 1:]) if multimask else (low_res[:, :1], iou[:, :1])
             best = int(torch.argmax(iou[0])) if multimask else 0
             chosen = low_res[:, best : best + 1]
             # Upsample only the chosen mask: the other two would cost as much again.

@@ -8,8 +8,9 @@ after them). ``prepare_image`` computes those once; ``decode_masks`` runs the re
 modules and weights. Its masks equal segment-anything's to float rounding (``Testing/engines/
 test_sam_decoder.py``); LiteMedSAM's decoder on a 2-core Xeon went from 82-92 ms to 56-66 ms a pass.
 
-It is for inference with no mask input (a mask input changes the image side); fine-tuning and
-refinement from the previous logits go through segment-anything's own forward.
+A click refined from the previous logits (a mask input) changes the image side, so its first block is
+computed for that click alone; the upscaling gains hold for it all the same. Fine-tuning goes through
+segment-anything's own forward, which its gradients need.
 """
 
 from __future__ import annotations
@@ -53,11 +54,15 @@ def weights_version(model) -> tuple[int, ...]:
     return tuple(t._version for t in _prepared_weights(model))
 
 
-def prepare_image(model, features: torch.Tensor) -> PreparedImage:
-    """The decoder's prompt-independent work on one (1, C, H, W) embedding."""
+def prepare_image(model, features: torch.Tensor, dense: torch.Tensor | None = None) -> PreparedImage:
+    """The decoder's prompt-independent work on one (1, C, H, W) embedding. With ``dense``, the prompt
+    encoder's embedding of a mask input (1, C, H, W), it is that mask's image side instead: one click's."""
     prompt_encoder, transformer = model.prompt_encoder, model.mask_decoder.transformer
-    no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1)
-    image = (features[0].float().flatten(1).T + no_mask).contiguous()
+    if dense is None:
+        dense_rows = prompt_encoder.no_mask_embed.weight.reshape(1, -1)
+    else:
+        dense_rows = dense[0].flatten(1).T
+    image = (features[0].float().flatten(1).T + dense_rows).contiguous()
     position = prompt_encoder.get_dense_pe()[0].flatten(1).T.contiguous()
     first = transformer.layers[0]
     keys_with_position = image + position

@@ -5,8 +5,10 @@ depend on the prompts: the image tokens (the embedding plus the "no mask" embedd
 (tokens, channels)), their positional encoding, and the first two-way block's projections of the image
 side (its token-to-image keys and values and its image-to-token queries: the image side is only changed
 after them). ``prepare_image`` computes those once; ``decode_masks`` runs the rest with the decoder's own
-modules and weights. Its masks equal segment-anything's to float rounding (``Testing/engines/
-test_sam_decoder.py``); LiteMedSAM's decoder on a 2-core Xeon went from 82-92 ms to 56-66 ms a pass.
+modules and weights, and does the upscaling as matrix products on (pixel, channel) rows
+(``_upscaled_masks``). Its masks equal segment-anything's to float rounding
+(``Testing/engines/test_sam_decoder.py``). LiteMedSAM's further click in ``medfm bench`` on a 2-core Xeon
+went from 104-111 ms to 44-59 ms (p50, several runs).
 
 A click refined from the previous logits (a mask input) changes the image side, so its first block is
 computed for that click alone; the upscaling gains hold for it all the same. Fine-tuning goes through

@@ -122,17 +122,30 @@ def test_segment_with_a_sam_checkpoint(sphere_file, tmp_path, tiny_sam):
 
 
 def test_segment_says_once_that_a_box_only_model_left_the_clicks_unanswered(sphere_file, tmp_path, tiny_sam):
-    path, volume, _, centre = sphere_file
-    corners = [volume.ijk_to_ras_points(volume.ras_to_ijk_points(centre) + np.array([d, d, 0])) for d in (-8, 8)]
-    inside = [volume.ijk_to_ras_points(volume.ras_to_ijk_points(centre) + np.array([d, 0, 0])) for d in (0, 1)]
+    """Two negative clicks that nothing can answer (no side of the box moves past them, and a flat image has no
+    edge to correct the mask by): the note comes once, and the mask stays as the box gave it."""
+    _, sphere_volume_, _, centre = sphere_file
+    flat = read_volume(write_volume(tmp_path / "flat.nii.gz", type(sphere_volume_)(
+        np.full(sphere_volume_.array.shape, 100.0), sphere_volume_.ijk_to_ras)))  # fmt: skip
+    path = tmp_path / "flat.nii.gz"
+    middle = flat.ras_to_ijk_points(centre)
+    corners = [flat.ijk_to_ras_points(middle + np.array([d, d, 0])) for d in (-8, 8)]
+    box = ["--box", coords(corners[0]) + "," + coords(corners[1])]
     env = {"MEDFM_CATALOG": os.environ["MEDFM_CATALOG"]}
-    result = run(
-        "segment", path, "--model", "medsam_tiny", "--checkpoint", tiny_sam, "--device", "cpu",
-        "--box", coords(corners[0]) + "," + coords(corners[1]), "--negative", coords(inside[0]),
-        "--negative", coords(inside[1]), "--out", tmp_path / "box.seg.nrrd", env=env,
-    )  # fmt: skip
+    common = ["--model", "medsam_tiny", "--checkpoint", tiny_sam, "--device", "cpu", *box]
+    boxed = run("segment", path, *common, "--out", tmp_path / "box.seg.nrrd", env=env)
+    assert boxed.returncode == 0, boxed.stderr
+    mask = slicerio.read_segmentation(str(tmp_path / "box.seg.nrrd"))["voxels"] > 0  # (I, J, K)
+    k = int(round(middle[2]))
+    inside = [(i, j) for i in range(int(middle[0]) - 2, int(middle[0]) + 3)
+              for j in range(int(middle[1]) - 2, int(middle[1]) + 3) if mask[i, j, k]][:2]  # fmt: skip
+    assert len(inside) == 2, "the tiny model's mask must hold the box's middle for this test"
+    negatives = [arg for i, j in inside for arg in ("--negative", coords(flat.ijk_to_ras_points(np.array([i, j, k]))))]
+    result = run("segment", path, *common, *negatives, "--out", tmp_path / "clicked.seg.nrrd", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("medsam_tiny reads boxes only") == 1  # two clicks unanswered, said once
+    clicked = slicerio.read_segmentation(str(tmp_path / "clicked.seg.nrrd"))["voxels"] > 0
+    np.testing.assert_array_equal(clicked, mask)
 
 
 def test_negative_coordinates_are_read_as_values(sphere_file, tmp_path):

@@ -27,6 +27,6 @@ def test_torch_goes_through_the_pytorch_extension_and_the_rest_through_pip():
     missing = [*ENGINE_REQUIREMENTS["sam"], Requirement("not_a_real_module_xyz", "not-a-real-package")]
     needs_torch, pip = install_plan(missing)
     assert needs_torch
-    assert pip == ["segment-anything>=1.0", "not-a-real-package"]
+    assert pip == ["segment-anything>=1.0", "scikit-image>=0.19", "not-a-real-package"]
     assert not any(p.startswith(("torch", "torchvision")) for p in pip)
     assert [r.module for r in missing if not is_installed(r.module)] == ["not_a_real_module_xyz"]

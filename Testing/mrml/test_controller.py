@@ -16,6 +16,7 @@ import vtk
 
 from conftest import SERVER_TOKEN, add_segmentation_node
 from MedFMLib.imaging.phantoms import Ellipsoid, make_ijk_to_ras, render
+from MedFMLib.imaging.volume import Volume
 from MedFMLib.models.store import ModelStore
 from MedFMLib.mrml.bridge import add_volume_node, ensure_segment, segment_array
 from MedFMLib.mrml.controller import ControllerSettings, InteractionController
@@ -226,20 +227,31 @@ def test_a_box_drawn_in_box_mode(editor, phantom):
     assert editor.controller.releaseAt(ORGAN_AT) is False  # no box started
 
 
-def test_a_click_a_box_only_model_cannot_answer_is_said_in_the_status(editor, tiny_sam):
-    editor.logic.store.import_file(tiny_sam, "medsam_tiny")
-    editor.controller._settings.modelName = "medsam_tiny"
-    editor.controller.handleKey("b")
-    editor.click(ras_of((5.0, 12.0, 15.1)))
-    editor.controller.releaseAt(ras_of((24.0, 32.0, 15.1)))
-    editor.idle()
-    boxed = editor.preview().copy()
-    assert editor.controller.status == "" and boxed.any()
-    editor.controller.handleKey("n")
-    editor.click(ORGAN_AT)  # deep inside the box: no side can move past it
-    editor.idle()
-    assert "medsam_tiny reads boxes only" in editor.controller.status
-    np.testing.assert_array_equal(editor.preview(), boxed)
+def test_a_click_a_box_only_model_cannot_answer_is_said_in_the_status(mrml_scene, phantom, tiny_sam, tmp_path):
+    """On a flat image a negative click deep inside the box moves no side, and there is no edge to correct the
+    mask by: the mask stays, and the status line says why and what to do."""
+    flat = Volume(np.full(phantom[0].array.shape, 100.0), phantom[0].ijk_to_ras)
+    editor = Editor(mrml_scene, flat, tmp_path)
+    try:
+        editor.logic.store.import_file(tiny_sam, "medsam_tiny")
+        editor.controller._settings.modelName = "medsam_tiny"
+        editor.controller.handleKey("b")
+        editor.click(ras_of((5.0, 12.0, 15.1)))
+        editor.controller.releaseAt(ras_of((24.0, 32.0, 15.1)))
+        editor.idle()
+        boxed = editor.preview().copy()
+        assert editor.controller.status == "" and boxed.any()
+        # The masked voxel nearest the box's middle: no side can move past it without cutting the mask in two.
+        rows, cols = np.nonzero(boxed[15])
+        nearest = int(np.argmin((rows - 22) ** 2 + (cols - 14.5) ** 2))
+        assert (rows[nearest] - 22) ** 2 + (cols[nearest] - 14.5) ** 2 <= 9, "the mask must reach the middle"
+        editor.controller.handleKey("n")
+        editor.click(ras_of((cols[nearest], rows[nearest], 15.0)))
+        editor.idle()
+        assert "medsam_tiny reads boxes only" in editor.controller.status
+        np.testing.assert_array_equal(editor.preview(), boxed)
+    finally:
+        editor.controller.close()
 
 
 # ------------------------------------------------------------------ propagation

@@ -2,7 +2,8 @@
 
 Such a model was trained on boxes alone, so a click changes the box: a positive click outside it grows
 the box to hold it (see ``Session.slice_prompts``), a negative click inside it moves the box's nearest
-side past it, and a click on a slice without a box borrows the nearest segmented slice's box.
+side past it, and a click on a slice without a box borrows the nearest segmented slice's box. A click the
+model's answer still contradicts then corrects the mask around it (``click_corrections.py``).
 """
 
 from __future__ import annotations
@@ -13,24 +14,24 @@ import numpy as np
 
 from ..engines.base import Prompts2D
 from ..imaging.geometry import SlicePlane
+from .click_corrections import contradicted
 from .objects import SliceState
 
 #: a negative click moves a side only past a fringe of the mask: at most this share of it left outside
 MAX_CUT_SHARE = 0.1
 
 
-def unanswered_click_note(model_name: str, before: SliceState | None, after: SliceState | None) -> str:
-    """What to tell a user whose click left a box-only model's mask as it was ("" if it changed it).
+def unanswered_click_note(model_name: str, after: SliceState | None, click: tuple[int, int, bool]) -> str:
+    """What to tell a user whose click the mask still contradicts ("" when it agrees with the click).
 
-    A click deep inside the mask moves no side (see ``box_without_negatives``), and one inside the box
-    grows nothing: the model then gives the same answer, and a silent click reads as a broken tool.
+    A click moves the box where it can, and corrects the mask around it (``click_corrections.py``); when
+    neither could (a flat image, or a click in the middle of the only object there is), the mask stays as
+    it was, and a silent click reads as a broken tool. ``click``: (row, column, positive) on the slice.
     """
-    if before is None or after is None or before.mask is None or after.mask is None:
+    if after is None or after.mask is None or not contradicted(after.mask, [click]):
         return ""
-    if not np.array_equal(before.mask, after.mask):
-        return ""
-    return (f"{model_name} reads boxes only, and this click moved no side of the box, so the mask is "
-            f"unchanged: redraw the box, or use a model that reads clicks (SAM, classic).")  # fmt: skip
+    return (f"{model_name} reads boxes only, and neither its box nor the image around this click could "
+            f"change the mask there: redraw the box, or use a model that reads clicks (SAM, classic).")  # fmt: skip
 
 
 def _share_outside(mask: np.ndarray, box: np.ndarray) -> float:

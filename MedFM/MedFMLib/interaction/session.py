@@ -38,6 +38,7 @@ from ..imaging.resample import isotropic_shape, resize_linear
 from ..imaging.volume import Volume
 from .box_prompts import box_from_neighbour, box_without_negatives, unanswered_click_note
 from .cache import EmbeddingCache, EmbeddingKey
+from .click_corrections import clicks_on_slice, corrected_by_clicks
 from .objects import (
     PROPAGATED,
     ROI,
@@ -161,7 +162,8 @@ class Session(SessionObjects):
         self._next_prompt_id += 1
         update = self._commit([_Change(object_id, plane, before, after)])[0]
         if self.engine.prompt_types == ("box",):
-            update = replace(update, note=unanswered_click_note(self.engine.model_name, before, after))
+            click = clicks_on_slice(self.volume, plane, [point])[0]
+            update = replace(update, note=unanswered_click_note(self.engine.model_name, after, click))
         return update
 
     def set_box(
@@ -515,6 +517,9 @@ class Session(SessionObjects):
         self.engine.check_prompts(prompts)
         prediction = self.engine.decode(self.embedding(state.plane), prompts, previous)
         mask = self.to_slice_grid(state.plane, prediction.mask)
+        if state.points and self.engine.prompt_types == ("box",):  # the model read no click: they correct it
+            image = self.window.apply(extract_slice(self.volume.array, state.plane))
+            mask = corrected_by_clicks(image, mask, clicks_on_slice(self.volume, state.plane, state.points))
         return replace(state, mask=mask, logits=prediction.low_res_logits, score=prediction.score)
 
     def to_slice_grid(self, plane: SlicePlane, mask: np.ndarray) -> np.ndarray:

@@ -32,7 +32,9 @@ TORCHVISION = Requirement("torchvision", "torchvision", ">=0.16", via_pytorch_ex
 ENGINE_REQUIREMENTS: dict[str, tuple[Requirement, ...]] = {
     "classic": (Requirement("SimpleITK", "SimpleITK", ">=2.2"),),
     # segment-anything declares no dependencies beyond torch/torchvision; --no-deps keeps pip away from torch.
-    "sam": (TORCH, TORCHVISION, Requirement("segment_anything", "segment-anything", ">=1.0")),
+    # scikit-image's random walker corrects a box-only model's mask around a click (click_corrections.py).
+    "sam": (TORCH, TORCHVISION, Requirement("segment_anything", "segment-anything", ">=1.0"),
+            Requirement("skimage", "scikit-image", ">=0.19", with_dependencies=True)),
     # sam2 is installed with --no-deps too (its torch>=2.5.1 pin must not replace Slicer's torch), so its
     # pure-Python dependencies are listed here.
     "sam2": (

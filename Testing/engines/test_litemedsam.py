@@ -180,3 +180,25 @@ def test_litemedsam_one_box_propagated_through_brain1_stays_on_the_tumour(liteme
         scores[widenings] = dice(mask, label)
     assert scores[3] >= 0.79, scores
     assert scores[0] < scores[3] - 0.02, scores
+
+
+def test_litemedsam_in_openvino_gives_torchs_embedding_and_runs_no_split(litemedsam_store, tmp_path):
+    """TinyViT is converted with q, k and v as three products (OpenVINO's CPU split is a reference kernel):
+    the same embedding as torch, no split left in the graph, and torch's own modules left as they were."""
+    import openvino as ov
+
+    from MedFMLib.models.store import ModelStore
+
+    checkpoint = litemedsam_store.checkpoint("litemedsam")
+    store = ModelStore(tmp_path / "home")
+    torch_engine = create_engine("litemedsam", checkpoint=checkpoint, device="cpu", store=store, runtime="torch")
+    ov_engine = create_engine("litemedsam", checkpoint=checkpoint, device="cpu", store=store, runtime="openvino")
+    image = np.random.default_rng(0).random((200, 160), dtype=np.float32)
+    a, b = torch_engine.encode(image), ov_engine.encode(image)
+    np.testing.assert_allclose(b.features.numpy(), a.features.numpy(), atol=1e-4)
+    (converted,) = (tmp_path / "home" / "openvino").glob("*.xml")
+    kinds = {op.get_type_name() for op in ov.Core().read_model(converted).get_ops()}
+    assert "ScaledDotProductAttention" in kinds or "MatMul" in kinds
+    assert not kinds & {"Split", "VariadicSplit"}, kinds
+    flags = [m.separate_qkv for m in ov_engine.model.image_encoder.modules() if hasattr(m, "separate_qkv")]
+    assert flags and not any(flags)  # torch keeps the one product that LoRA's adapters wrap

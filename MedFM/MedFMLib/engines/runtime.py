@@ -13,11 +13,14 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ModelError
 
 RUNTIMES = ("auto", "torch", "openvino")
+#: the layout the encoders are converted in; a new one converts them again (2: TinyViT's q, k, v apart)
+EXPORT_LAYOUT = 2
 
 
 def openvino_available() -> bool:
@@ -47,6 +50,19 @@ def bf16_supported() -> bool:
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+@contextmanager
+def _export_layout(encoder):
+    """The encoder's modules in the layout OpenVINO runs best (``separate_qkv``), for the conversion only."""
+    switched = [module for module in encoder.modules() if hasattr(module, "separate_qkv")]
+    for module in switched:
+        module.separate_qkv = True
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.separate_qkv = False
+
+
 class OpenVinoEncoder:
     """A torch image encoder converted to OpenVINO once, cached on disk, compiled for this CPU.
 
@@ -67,7 +83,7 @@ class OpenVinoEncoder:
         from ..models.download import file_lock
 
         self.precision = "bf16" if fast and bf16_supported() else "f32"
-        digest = hashlib.sha256(f"{key}|{image_size}|{ov.__version__}".encode()).hexdigest()[:16]
+        digest = hashlib.sha256(f"{key}|{image_size}|{ov.__version__}|{EXPORT_LAYOUT}".encode()).hexdigest()[:16]
         path = Path(cache_dir) / f"{digest}.xml"
         core = ov.Core()
         with file_lock(path.with_suffix(".lock")):  # two processes convert it once between them
@@ -78,7 +94,7 @@ class OpenVinoEncoder:
                     notify(f"converting the image encoder for OpenVINO, once (a minute or more for ViT-B); "
                            f"it is kept in {path.parent}")  # fmt: skip
                 example = torch.zeros(1, 3, image_size, image_size)
-                with torch.no_grad(), warnings.catch_warnings():
+                with torch.no_grad(), warnings.catch_warnings(), _export_layout(encoder):
                     warnings.simplefilter("ignore")  # the tracer's deprecation notes are not the user's business
                     model = ov.convert_model(encoder, example_input=example, input=[1, 3, image_size, image_size])
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -117,6 +117,11 @@ def _offset_index(window: int) -> tuple[int, torch.Tensor]:
 class WindowAttention(nn.Module):
     """Multi-head self-attention over one window's tokens, with a learned bias per head and relative offset."""
 
+    #: q, k and v as three products instead of one split three ways: the same numbers, and OpenVINO then has
+    #: no split to run (its CPU split is a reference kernel, and LiteMedSAM's encoder went 0.91-0.95 s ->
+    #: 0.86-0.87 s). Set while converting (``runtime.py``); torch keeps the one product that LoRA's adapters wrap.
+    separate_qkv = False
+
     def __init__(self, dim: int, num_heads: int, window: int) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -130,12 +135,25 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
-        # Per head the projection holds q, k and v side by side.
-        qkv = self.qkv(self.norm(x)).view(batch, tokens, self.num_heads, 3 * self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split(self.head_dim, dim=-1)
+        if self.separate_qkv and type(self.qkv) is nn.Linear:  # a LoRA-wrapped projection must run whole
+            q, k, v = self._separate_qkv(self.norm(x))
+        else:
+            # Per head the projection holds q, k and v side by side.
+            qkv = self.qkv(self.norm(x)).view(batch, tokens, self.num_heads, 3 * self.head_dim).transpose(1, 2)
+            q, k, v = qkv.split(self.head_dim, dim=-1)
         bias = self.attention_biases[:, self.bias_index]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype))
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+
+    def _separate_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, tokens, _ = x.shape
+        heads, width = self.num_heads, self.head_dim
+        weight, bias = self.qkv.weight.view(heads, 3, width, -1), self.qkv.bias.view(heads, 3, width)
+        return tuple(
+            F.linear(x, weight[:, part].reshape(heads * width, -1), bias[:, part].reshape(-1))
+            .view(batch, tokens, heads, width).transpose(1, 2)
+            for part in range(3)
+        )  # fmt: skip
 
 
 class Mlp(nn.Module):

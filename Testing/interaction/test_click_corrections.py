@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from scipy import ndimage
 
 from MedFMLib.engines.classic import ClassicEngine
 from MedFMLib.imaging.phantoms import make_ijk_to_ras
 from MedFMLib.imaging.volume import Volume
-from MedFMLib.interaction.click_corrections import REACH, corrected_by_clicks
+from MedFMLib.interaction.click_corrections import MAX_WALKER_PIXELS, REACH, corrected_by_clicks
 from MedFMLib.interaction.session import Session
 
 
@@ -15,9 +17,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float((a & b).sum()) / max(1, int(a.sum() + b.sum()))
 
 
-def _scene():
+def _scene(scale: int = 1):
     """A bright object, a duller region touching it (what a model leaks into), and a small far blob."""
-    rows, cols = np.mgrid[:64, :96]
+    rows, cols = np.mgrid[: 64 * scale, : 96 * scale] / scale
     obj = (rows - 32) ** 2 + (cols - 30) ** 2 <= 12**2
     leak = ((rows - 32) ** 2 + (cols - 48) ** 2 <= 8**2) & ~obj
     far = (rows - 8) ** 2 + (cols - 86) ** 2 <= 4**2
@@ -26,11 +28,16 @@ def _scene():
     return image, obj, leak, far
 
 
-def test_a_negative_click_in_a_leak_removes_the_leak_and_keeps_the_object():
-    image, obj, leak, far = _scene()
+@pytest.mark.parametrize("scale", [1, 6], ids=["walked-whole", "walked-on-a-coarser-grid"])
+def test_a_negative_click_in_a_leak_removes_the_leak_and_keeps_the_object(scale):
+    image, obj, leak, far = _scene(scale)
     mask = obj | leak | far
-    corrected = corrected_by_clicks(image, mask, [(32, 50, False)])
-    assert not corrected[32, 50]
+    click = (32 * scale, 50 * scale, False)
+    if scale > 1:  # the window the walker decides is larger than it walks at full resolution
+        depth = ndimage.distance_transform_edt(mask)[click[:2]]
+        assert (2 * REACH * depth) ** 2 > MAX_WALKER_PIXELS
+    corrected = corrected_by_clicks(image, mask, [click])
+    assert not corrected[click[:2]]
     assert (corrected & leak).sum() <= 0.1 * leak.sum(), (corrected & leak).sum()
     assert dice(corrected & ~far, obj) >= 0.97
     # The click corrects its neighbourhood only: the far blob, beyond its reach, keeps the model's answer.
@@ -49,8 +56,6 @@ def test_a_positive_click_in_a_missed_part_adds_that_part():
 
 def test_only_pixels_near_a_contradicted_click_change():
     """A model's outline a pixel too wide all round: the click corrects its neighbourhood, and leaves the rest."""
-    from scipy import ndimage
-
     image, obj, leak, far = _scene()
     mask = ndimage.binary_dilation(obj | leak | far)
     rows, cols = np.mgrid[: mask.shape[0], : mask.shape[1]]

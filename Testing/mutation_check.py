@@ -32,8 +32,8 @@ class Mutant:
 
 MUTANTS = [
     Mutant("cli-negative-as-positive", LIB + "cli.py",
-           "session.add_point(object_id, point, positive=False, view=args.view)",
-           "session.add_point(object_id, point, positive=True, view=args.view)", ("Testing/test_cli.py",)),
+           "[(point, False) for point in negatives]",
+           "[(point, True) for point in negatives]", ("Testing/test_cli.py",)),
     Mutant("cli-keep-connected-ignored", LIB + "interaction/cleanup.py", "    if keep_connected:", "    if False:",
            ("Testing/test_cli.py",)),
     Mutant("cli-fill-holes-ignored", LIB + "interaction/cleanup.py", "    if fill:", "    if False:",
@@ -70,7 +70,7 @@ MUTANTS = [
            '        supplied = request.headers.get("authorization", "")\n'
            '        if request.url.path.endswith(("/encode", "/jobs")) or "/jobs/" in request.url.path:\n'
            '            return await call_next(request)\n', ("Testing/remote/test_server.py",)),
-    Mutant("server-retry-by-seq-removed", LIB + "remote/server/app.py",
+    Mutant("server-retry-by-seq-removed", LIB + "remote/server/operations.py",
            "if sequence is not None and sequence == served.last_sequence and served.last_reply is not None:",
            "if False:", ("Testing/remote/test_server.py",)),
     # Issue 13: what a hostile client, catalog or server could do.
@@ -80,7 +80,7 @@ MUTANTS = [
            "            pass\n", (SECURITY + "test_forty_concurrent_uploads_never_pass_the_total_limit_together",)),
     Mutant("jobs-without-limit", LIB + "remote/server/sessions.py", "        if self.busy:\n            raise Limit",
            "        if False:\n            raise Limit", (JOBS,)),
-    Mutant("calls-overlap-jobs", LIB + "remote/server/app.py", "        if served.busy:  # its job holds",
+    Mutant("calls-overlap-jobs", LIB + "remote/server/operations.py", "        if served.busy:  # its job holds",
            "        if False:  #", (JOBS,)),
     Mutant("no-request-head-deadline", LIB + "remote/server/guard.py",
            '            self._deadline = self.loop.call_later(self.header_seconds, self._drop, "slow")',
@@ -178,7 +178,7 @@ MUTANTS = [
     Mutant("controller-apply-ignores-masking", LIB + "mrml/controller.py",
            "                editor_node=self.editorNode,", "                editor_node=None,",
            ("Testing/mrml/test_controller.py",)),
-    Mutant("controller-no-repropagation", LIB + "mrml/controller.py",
+    Mutant("controller-no-repropagation", LIB + "mrml/controller_propagation.py",
            "        if corrected:", "        if False:", ("Testing/mrml/test_controller.py",)),
     Mutant("app-click-in-the-wrong-place", LIB + "app/views.py",
            "        return self.xyToRas(x * ratio, height - 1 - y * ratio)",

@@ -122,3 +122,15 @@ def test_a_click_that_nothing_can_answer_is_said_so():
     np.testing.assert_array_equal(session.objects[obj].slices[plane].mask, boxed.mask)
     assert boxed.mask[32, 37]
     assert "reads boxes only" in update.note and "redraw the box" in update.note
+
+
+def test_without_scikit_image_a_click_only_moves_the_box_and_the_note_says_what_to_install(monkeypatch):
+    """An install from before scikit-image joined the ``sam`` extra: no traceback, the mask kept, one clear line."""
+    import sys
+
+    image, obj_truth, leak, _ = _scene()
+    session, obj, plane, boxed = _boxed_session(image)
+    monkeypatch.setitem(sys.modules, "skimage.segmentation", None)  # what Python does for a missing package
+    update = _click(session, obj, 32, 44, positive=False)
+    np.testing.assert_array_equal(session.objects[obj].slices[plane].mask, boxed.mask)
+    assert "install scikit-image" in update.note

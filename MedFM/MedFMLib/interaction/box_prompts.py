@@ -14,7 +14,7 @@ import numpy as np
 
 from ..engines.base import Prompts2D
 from ..imaging.geometry import SlicePlane
-from .click_corrections import contradicted
+from .click_corrections import contradicted, correction_available
 from .objects import SliceState
 
 #: a negative click moves a side only past a fringe of the mask: at most this share of it left outside
@@ -30,6 +30,9 @@ def unanswered_click_note(model_name: str, after: SliceState | None, click: tupl
     """
     if after is None or after.mask is None or not contradicted(after.mask, [click]):
         return ""
+    if not correction_available():
+        return (f"{model_name} reads boxes only, and this click moved no side of the box: install scikit-image "
+                f"(pip install scikit-image) so that clicks correct the mask, or redraw the box.")  # fmt: skip
     return (f"{model_name} reads boxes only, and neither its box nor the image around this click could "
             f"change the mask there: redraw the box, or use a model that reads clicks (SAM, classic).")  # fmt: skip
 

@@ -61,6 +61,17 @@ def clicks_on_slice(volume: Volume, plane: SlicePlane, points: Sequence) -> list
     return clicks
 
 
+def correction_available() -> bool:
+    """Whether SciPy and scikit-image are installed (the ``sam`` extra brings them); without them clicks only
+    move the box, and the note on an unanswered click says what to install."""
+    try:
+        from scipy import ndimage  # noqa: F401
+        from skimage.segmentation import random_walker  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def contradicted(mask: np.ndarray, clicks: Sequence[Click]) -> list[Click]:
     """The clicks whose pixel the mask gets wrong: a positive one outside it, a negative one inside it."""
     return [(row, col, positive) for row, col, positive in clicks if bool(mask[row, col]) != positive]
@@ -73,10 +84,11 @@ def _disc(shape: tuple[int, int], row: int, col: int, radius: float) -> np.ndarr
 
 def corrected_by_clicks(image: np.ndarray, mask: np.ndarray, clicks: Sequence[Click]) -> np.ndarray:
     """``mask`` corrected near each click it contradicts (see the module's docstring); the mask itself when no
-    click contradicts it, when it is empty (there is no object to learn from), or when a side has no seed."""
+    click contradicts it, when it is empty (there is no object to learn from), when a side has no seed, or
+    when scikit-image is not installed."""
     mask = np.asarray(mask, dtype=bool)
     wrong = contradicted(mask, clicks)
-    if not wrong or not mask.any():
+    if not wrong or not mask.any() or not correction_available():
         return mask
     from scipy import ndimage
 

@@ -221,7 +221,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         engine = session.engine
     else:
         engine = create_engine(args.model, checkpoint=args.checkpoint, device=args.device, progress=ProgressBar(),
-                               runtime=args.runtime, fast=args.fast, notify=note)  # fmt: skip
+                               runtime=args.runtime, fast=args.fast, notify=note, zoom=args.zoom)  # fmt: skip
         session = Session(volume, engine, window=window)
     object_id = session.add_object(args.name)
     options = PropagationOptions()

@@ -14,6 +14,11 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
         "--fast", action="store_true",
         help="OpenVINO in bf16 where the CPU has it (avx512_bf16, AMX): faster; masks may shift slightly",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-zoom", dest="zoom", action="store_const", const=False, default=None,
+        help="never decode a small object on a crop around its box too (LiteMedSAM does by default: a better "
+             "outline of a small lesion, for a second encode on its first box)",
+    )  # fmt: skip
 
 
 def add_server_options(parser: argparse.ArgumentParser, help_text: str) -> None:

@@ -86,6 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         runtime=args.runtime,
         fast=args.fast,
+        zoom=args.zoom,
         random_weights=args.random_weights,
         session_ttl_seconds=args.session_ttl,
         max_session_mb=args.max_session_mb,

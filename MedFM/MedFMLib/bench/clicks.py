@@ -65,6 +65,7 @@ def run_benchmark(
     background: bool = False,
     runtime: str = "torch",
     fast: bool = False,
+    zoom: bool | None = None,
 ) -> dict:
     """Time first clicks (encode + decode) and further clicks (decode only) on a size×size phantom.
 
@@ -73,7 +74,8 @@ def run_benchmark(
     fires meanwhile, then the first click on that prefetched slice.
     """
     timed_slices = max(first_clicks, 1)
-    slices = timed_slices + (1 if background else 0)  # one more for the background encode
+    # As many again to time first clicks without the small-object zoom, and one more for the background encode.
+    slices = 2 * timed_slices + (1 if background else 0)
     matrix = make_ijk_to_ras(spacing=(0.7, 0.7, 1.5), origin=(-180.0, -180.0, 0.0))
     centre = matrix[:3, :3] @ np.array([size / 2, size / 2, slices / 2]) + matrix[:3, 3]
     organ = Ellipsoid(tuple(centre), (60.0, 45.0, 200.0), 60.0)
@@ -81,7 +83,8 @@ def run_benchmark(
 
     started = time.perf_counter()
     engine = create_engine(
-        model, checkpoint=checkpoint, device=device, random_weights=random_weights, runtime=runtime, fast=fast
+        model, checkpoint=checkpoint, device=device, random_weights=random_weights, runtime=runtime, fast=fast,
+        zoom=zoom,
     )
     load_ms = (time.perf_counter() - started) * 1000
     session = Session(volume, engine, window=preset_window("soft_tissue"))
@@ -101,14 +104,24 @@ def run_benchmark(
         else:
             session.add_point(object_id, slice_point(k, dx, dy), positive=positive)
 
-    first_ms = []
-    for k in range(timed_slices):
-        object_id = session.add_object()
-        synchronize()
-        started = time.perf_counter()
-        click(object_id, k, 0.0, 0.0, True)
-        synchronize()
-        first_ms.append((time.perf_counter() - started) * 1000)
+    def first_click_ms(slice_indices) -> list[float]:
+        times = []
+        for k in slice_indices:
+            object_id = session.add_object()
+            synchronize()
+            started = time.perf_counter()
+            click(object_id, k, 0.0, 0.0, True)
+            synchronize()
+            times.append((time.perf_counter() - started) * 1000)
+        return times
+
+    first_ms = first_click_ms(range(timed_slices))
+    zoom_crops = sum(key.crop is not None for key in session.cache.keys())
+    unzoomed_ms = []
+    if session.zoom is not None:  # the same first click on other slices, the whole slice's answer only
+        zoom, session.zoom = session.zoom, None
+        unzoomed_ms = first_click_ms(range(timed_slices, 2 * timed_slices))
+        session.zoom = zoom
 
     rng = np.random.default_rng(0)
     next_ms = []
@@ -138,12 +151,15 @@ def run_benchmark(
         "load_ms": round(load_ms, 1),
         "first_click_ms": round(float(np.median(first_ms)), 1),
         "first_click_runs": len(first_ms),
+        "first_clicks_zoomed": zoom_crops,
+        "first_click_without_zoom_ms": round(float(np.median(unzoomed_ms)), 1) if unzoomed_ms else None,
         "next_click_ms_p50": round(_percentile(next_ms, 50), 2),
         "next_click_ms_p95": round(_percentile(next_ms, 95), 2),
         "next_click_runs": len(next_ms),
         "first_to_next_ratio": round(float(np.median(first_ms)) / max(_percentile(next_ms, 50), 1e-6), 1),
         "cache_hits": session.cache.stats.hits,
         "cache_misses": session.cache.stats.misses,
+        "zoom_crops_encoded": sum(key.crop is not None for key in session.cache.keys()),
         "peak_rss_mb": None if peak_rss_mb() is None else round(peak_rss_mb(), 1),
         "python": platform.python_version(),
         "machine": platform.machine(),
@@ -199,6 +215,15 @@ def format_report(result: dict) -> str:
         f"  further click (decode only):   p50 {result['next_click_ms_p50']:.2f} ms, "
         f"p95 {result['next_click_ms_p95']:.2f} ms ({result['next_click_runs']} clicks)",
         f"  first / further click:         {result['first_to_next_ratio']:.1f}×",
+        *(
+            [
+                f"  small-object zoom:             {result['first_clicks_zoomed']} of {result['first_click_runs']} "
+                f"first clicks encoded a crop too; without the zoom {result['first_click_without_zoom_ms']:.1f} ms; "
+                f"{result['zoom_crops_encoded']} crops encoded in all"
+            ]
+            if result.get("first_click_without_zoom_ms") is not None
+            else []
+        ),
         f"  peak memory:                   {result['peak_rss_mb']} MiB RSS"
         + (f", {result['peak_gpu_mb']} MiB GPU" if "peak_gpu_mb" in result else ""),
         f"  model load:                    {result['load_ms']:.0f} ms",

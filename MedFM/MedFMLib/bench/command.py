@@ -117,6 +117,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         background=args.background,
         runtime=args.runtime,
         fast=args.fast,
+        zoom=args.zoom,
     )
     print(json.dumps(result) if args.json else format_report(result))
     return 0

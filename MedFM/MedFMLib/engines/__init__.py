@@ -31,6 +31,7 @@ def create_engine(
     runtime: str = "torch",
     fast: bool = False,
     notify=None,
+    zoom: bool | None = None,
 ) -> Engine:
     """Create the engine for a catalog model.
 
@@ -39,7 +40,8 @@ def create_engine(
     Without a ``checkpoint`` the model store provides the file, downloading it
     on first use (``progress`` receives download progress). ``runtime`` (auto,
     torch, openvino) picks what runs a SAM-family image encoder; ``fast`` lets
-    OpenVINO use bf16 where the CPU has it; ``notify`` hears of a first conversion.
+    OpenVINO use bf16 where the CPU has it; ``notify`` hears of a first conversion. ``zoom`` turns the
+    small-object zoom on the user's slices (interaction/zoom.py) on or off; None keeps the catalog's setting.
     """
     from ..models.store import ModelStore
 
@@ -51,6 +53,8 @@ def create_engine(
         return ClassicEngine()
     options = (checkpoint, device, random_weights, seed, store, progress, runtime, fast, notify)
     engine = _create_torch_engine(model, info, *options)
+    if zoom is not None:
+        engine.zooms_on_small_objects = bool(zoom)
     if getattr(engine, "device", "") == "cpu":
         keep_freed_memory()  # a third of a CPU encode went on faulting fresh pages in (cpu_memory.py)
     return engine
@@ -104,6 +108,7 @@ def _create_torch_engine(model, info, checkpoint, device, random_weights, seed, 
         weights_id=weights_id,
         prompt_types=info.prompts,
     )
+    engine.zooms_on_small_objects = bool((info.engine_options or {}).get("zoom_small_objects", False))
     if resolve_runtime(runtime, resolved) == "openvino":
         engine.use_openvino(store.home / "openvino", fast=fast, notify=notify)
     return engine

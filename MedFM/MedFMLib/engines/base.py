@@ -98,6 +98,8 @@ class Engine(ABC):
     #: the model reads a box as the object's extent and keeps its mask inside it: a mask that fills the box to a
     #: side says the box was drawn too small (propagation widens a carried box then)
     box_is_extent: bool = True
+    #: a box around a small object is also decoded on a crop around it (interaction/zoom.py says why)
+    zooms_on_small_objects: bool = False
 
     @property
     def cache_id(self) -> str:

@@ -98,7 +98,7 @@ def _session_factory(args):
     from ..interaction.session import Session
 
     engine = create_engine(args.model, checkpoint=args.checkpoint, device=args.device, progress=ProgressBar(),
-                           runtime=args.runtime, fast=args.fast, notify=note)  # fmt: skip
+                           runtime=args.runtime, fast=args.fast, notify=note, zoom=args.zoom)  # fmt: skip
     if getattr(engine, "kind", "slice") == "volume":
         from ..interaction.volume_session import VolumeSession
 

@@ -26,6 +26,8 @@ class EmbeddingKey:
     engine: str
     window: tuple[float, float]
     image_shape: tuple[int, int]
+    #: a window of the slice (row, col, rows, cols) encoded on its own; None for the whole slice
+    crop: tuple[int, int, int, int] | None = None
 
 
 @dataclass
@@ -60,6 +62,11 @@ class EmbeddingCache:
 
     def __contains__(self, key: EmbeddingKey) -> bool:
         return key in self._entries
+
+    def keys(self) -> list[EmbeddingKey]:
+        """The keys held, least recently used first."""
+        with self._lock:
+            return list(self._entries)
 
     def get(self, key: EmbeddingKey) -> Embedding | None:
         with self._lock:

@@ -51,6 +51,7 @@ from .objects import (
     as_ras,
 )
 from .propagation import BOTH, PropagationOptions, PropagationResult, Propagator, within_box
+from .zoom import Crop, SmallObjectZoom
 
 # Resample a slice to square pixels only when the aspect ratio is off by more
 # than this: below it the interpolation blur costs more than the distortion.
@@ -121,6 +122,7 @@ class Session(SessionObjects):
         self._redo: list[list[_Change]] = []
         self._next_object_id = 1
         self._next_prompt_id = 1
+        self.zoom = SmallObjectZoom(engine) if engine.zooms_on_small_objects else None
 
     # ----------------------------------------------------------------- objects
     def add_object(self, name: str | None = None, color: Sequence[float] | None = None) -> int:
@@ -445,9 +447,13 @@ class Session(SessionObjects):
         target = self.model_image_shape(plane)
         return image if image.shape == target else resize_linear(image, target)
 
-    def embedding(self, plane: SlicePlane) -> Embedding:
-        """The plane's embedding, encoded on first use and cached after."""
-        return self.cache.get_or_create(self.embedding_key(plane), lambda: self.engine.encode(self.model_image(plane)))
+    def embedding(self, plane: SlicePlane, crop: Crop | None = None, image: np.ndarray | None = None) -> Embedding:
+        """The plane's embedding (or that of a ``crop`` of its model ``image``), encoded on first use, cached after."""
+        key = self.embedding_key(plane)
+        if crop is None:
+            return self.cache.get_or_create(key, lambda: self.engine.encode(self.model_image(plane)))
+        key = replace(key, crop=(crop.row, crop.col, crop.rows, crop.cols))
+        return self.cache.get_or_create(key, lambda: self.engine.encode(image[crop.slices]))
 
     def is_encoded(self, plane: SlicePlane) -> bool:
         return self.embedding_key(plane) in self.cache
@@ -515,7 +521,9 @@ class Session(SessionObjects):
             previous = state.carried_logits
         prompts = self.slice_prompts(state)
         self.engine.check_prompts(prompts)
-        prediction = self.engine.decode(self.embedding(state.plane), prompts, previous)
+        decode = lambda: self.engine.decode(self.embedding(state.plane), prompts, previous)  # noqa: E731
+        zoomed = self.zoom is not None and state.origin != PROPAGATED  # zoom.py says why only the user's slices
+        prediction = self.zoom.predict(self, state.plane, prompts, decode) if zoomed else decode()
         mask = self.to_slice_grid(state.plane, prediction.mask)
         if state.points and self.engine.prompt_types == ("box",):  # the model read no click: they correct it
             image = self.window.apply(extract_slice(self.volume.array, state.plane))

@@ -143,6 +143,7 @@ class AnnotationJob:
     device: str = "auto"
     runtime: str = "auto"
     fast: bool = False
+    zoom: bool | None = None
     resume: bool = False
     #: the full-size network with random weights (benchmarks: the masks mean nothing, the time does)
     random_weights: bool = False
@@ -162,7 +163,7 @@ class AnnotationJob:
 
         return create_engine(self.model, checkpoint=self.checkpoint, device=self.device, store=ModelStore(),
                              random_weights=self.random_weights, progress=progress, runtime=self.runtime,
-                             fast=self.fast, notify=notify)  # fmt: skip
+                             fast=self.fast, notify=notify, zoom=self.zoom)  # fmt: skip
 
 
 def worker_env() -> dict[str, str]:

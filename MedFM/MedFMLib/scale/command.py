@@ -89,7 +89,7 @@ def build_job(args: argparse.Namespace):
         dataset=str(Path(args.dataset).resolve()), out=str(Path(args.out).resolve()), model=args.model, mode=mode,
         prompts=read_prompts(args.prompts) if args.prompts else {}, classes=classes, propagate=args.propagate,
         view=args.view, checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
-        device=args.device, runtime=args.runtime, fast=args.fast, resume=args.resume,
+        device=args.device, runtime=args.runtime, fast=args.fast, zoom=args.zoom, resume=args.resume,
         label_names=label_names(args.dataset) if mode == "labels" else {}, env=worker_env(),
     )  # fmt: skip
 

@@ -56,6 +56,8 @@ class ServerConfig:
     #: what runs SAM-family encoders on a CPU: auto (OpenVINO when installed), torch, openvino; fast: bf16
     runtime: str = "auto"
     fast: bool = False
+    #: the small-object zoom (interaction/zoom.py): None keeps each model's catalog setting
+    zoom: bool | None = None
     random_weights: bool = False
     session_ttl_seconds: float = 1800.0
     max_session_mb: int = 4096
@@ -126,7 +128,7 @@ class ModelRegistry:
                 log.info("loading model %s on %s", name, self.config.device)
                 engine = create_engine(
                     name, device=self.config.device, random_weights=self.config.random_weights, store=self.store,
-                    runtime=self.config.runtime, fast=self.config.fast, notify=log.info,
+                    runtime=self.config.runtime, fast=self.config.fast, notify=log.info, zoom=self.config.zoom,
                 )  # fmt: skip
                 # A 3D engine holds one session's volume at a time (its lock): it does not batch through the queue.
                 volumetric = getattr(engine, "kind", "slice") == "volume"

@@ -118,6 +118,7 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceSelector.addItems(DEVICES)
         self.ui.runtimeSelector.addItems(RUNTIMES)
         self.ui.fastCheckBox.checked = settingsValue("fast") == "true"
+        self.ui.zoomCheckBox.checked = settingsValue("zoom", "true") != "false"
         self.ui.intensitySelector.addItems(INTENSITIES)
         self.ui.modelsFolderLineEdit.currentPath = str(self.logic.store.home)
         self.ui.catalogLineEdit.text = settingsValue("catalog")
@@ -136,6 +137,7 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.intensitySelector.currentTextChanged.connect(lambda value: self.onChoiceChanged("intensity", value))
         self.ui.runtimeSelector.currentTextChanged.connect(self.onRuntimeChanged)
         self.ui.fastCheckBox.toggled.connect(self.onFastToggled)
+        self.ui.zoomCheckBox.toggled.connect(self.onZoomToggled)
         self.ui.downloadModelButton.clicked.connect(self.onDownloadModel)
         self.ui.importModelButton.clicked.connect(self.onImportModel)
         self.ui.removeModelButton.clicked.connect(self.onRemoveModel)
@@ -220,6 +222,10 @@ class MedFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onFastToggled(self, checked):
         setSettingsValue("fast", "true" if checked else "false")
+        self.logic.applyRuntimeSettings()
+
+    def onZoomToggled(self, checked):
+        setSettingsValue("zoom", "true" if checked else "false")
         self.logic.applyRuntimeSettings()
 
     def onChoiceChanged(self, key, value):
@@ -386,6 +392,7 @@ class MedFMLogic(ScriptedLoadableModuleLogic):
         """The runtime and precision chosen in the module, for engines made from now on."""
         self._core.runtime = settingsValue("runtime", "auto") or "auto"
         self._core.fast = settingsValue("fast") == "true"
+        self._core.zoom = settingsValue("zoom", "true") != "false"
 
     def __getattr__(self, name):
         # Everything MedFMLib's logic offers (segment, engine, downloadModel, ...) is the module's too.

@@ -202,6 +202,21 @@ def test_a_model_change_goes_to_the_new_model(window, phantom, tiny_sam):
     assert window.settings.value("modelName") == "sam_tiny"  # settings persist
 
 
+def test_the_zoom_checkbox_reaches_the_engine_and_persists(window, phantom, litemedsam_store):
+    """*Zoom on small objects* (on by default) turns LiteMedSAM's small-object zoom off and on again for the
+    engines made after it; the choice is kept in the settings."""
+    window.logic.store.import_file(litemedsam_store.path("litemedsam"), "litemedsam")
+    assert window.modelPanel.zoom.isChecked()
+    window.modelPanel.zoom.setChecked(False)
+    replay(window, {"action": "click", "ras": list(phantom[3])})  # the next click's session has it
+    assert window.settings.value("zoom") == "false" and window.logic.zoom is False
+    assert window.controller.sessionKey[-1] is False
+    assert window.logic.engine("litemedsam", "cpu").zooms_on_small_objects is False
+    window.modelPanel.zoom.setChecked(True)
+    replay(window, {"action": "click", "ras": list(phantom[3])})
+    assert window.logic.engine("litemedsam", "cpu").zooms_on_small_objects is True
+
+
 def test_the_screenshot_shows_the_segment_where_it_was_clicked(window, phantom, tmp_path):
     from Qt import QtGui
 

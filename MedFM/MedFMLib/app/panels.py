@@ -27,6 +27,10 @@ class ModelPanel(QtWidgets.QGroupBox):
         self.runtime = QtWidgets.QComboBox(objectName="runtimeChooser")
         self.runtime.addItems(RUNTIMES)
         self.fast = QtWidgets.QCheckBox("Fast (bf16)", objectName="fastCheckBox")
+        self.zoom = QtWidgets.QCheckBox("Zoom on small objects", objectName="zoomCheckBox")
+        self.zoom.setToolTip("Also decode a small object on a crop around its box, and keep the answer the model "
+                             "rates higher (LiteMedSAM): a better outline of a small lesion, for a second encode "
+                             "on its first box.")  # fmt: skip
         self.licence = QtWidgets.QLabel(objectName="licenceLabel", wordWrap=True)
         self.download = QtWidgets.QPushButton("Download", objectName="downloadButton")
         self.importButton = QtWidgets.QPushButton("Import file…", objectName="importButton")
@@ -54,6 +58,7 @@ class ModelPanel(QtWidgets.QGroupBox):
         form.addRow("Intensity", self.intensity)
         form.addRow("Runtime", self.runtime)
         form.addRow("", self.fast)
+        form.addRow("", self.zoom)
         form.addRow("Server", self.server)
         form.addRow("Token", self.token)
         form.addRow("", self.connectButton)
@@ -66,6 +71,8 @@ class ModelPanel(QtWidgets.QGroupBox):
             combo.currentTextChanged.connect(lambda text, key=key: self.settings.setValue(key, text))
         self.fast.setChecked(str(settings.value("fast", "false")) == "true")
         self.fast.toggled.connect(lambda on: self.settings.setValue("fast", "true" if on else "false"))
+        self.zoom.setChecked(str(settings.value("zoom", "true")) != "false")
+        self.zoom.toggled.connect(lambda on: self.settings.setValue("zoom", "true" if on else "false"))
         self.server.setText(str(settings.value("serverUrl", "")))
 
     def fillModels(self, names: list[str], chosen: str) -> None:

@@ -92,6 +92,10 @@ class MedFMWindow(QtWidgets.QMainWindow):
         self.timer.timeout.connect(lambda: self.command("poll"))
         self.timer.start()
         self.applyRuntimeSettings()
+        # A click in a view reaches the controller without a command: the choices apply as soon as they change.
+        self.modelPanel.runtime.currentTextChanged.connect(lambda _: self.applyRuntimeSettings())
+        for box in (self.modelPanel.fast, self.modelPanel.zoom):
+            box.toggled.connect(lambda _: self.applyRuntimeSettings())
         self.modelPanel.fillModels(self.logic.modelNames(), str(self.settings.value("modelName", "classic")))
         self.resize(1200, 760)
         self.refresh()
@@ -172,6 +176,7 @@ class MedFMWindow(QtWidgets.QMainWindow):
     def applyRuntimeSettings(self) -> None:
         self.logic.runtime = self.modelPanel.runtime.currentText()
         self.logic.fast = self.modelPanel.fast.isChecked()
+        self.logic.zoom = self.modelPanel.zoom.isChecked()
 
     def command(self, name: str, *args) -> None:
         """Run a controller command (a button, a key, the timer), then show the new state."""

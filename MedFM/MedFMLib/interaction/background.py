@@ -3,7 +3,8 @@
 Slicer's GUI must stay responsive while an encoder runs for seconds, and
 scrolling to the next slice should find its embedding ready. One worker
 thread encodes the planes it is asked for, most urgent first, into the
-session's shared, thread-safe cache. It never touches MRML or Qt: the GUI
+session's shared, thread-safe cache; an item is a plane, or (plane, crop) for the crop
+the small-object zoom wants around a box (zoom.py). It never touches MRML or Qt: the GUI
 polls ``is_ready`` / ``failure`` from its own thread (a QTimer) and acts there.
 """
 
@@ -37,7 +38,7 @@ class BackgroundEncoder:
         its end: a network's forward pass cannot be interrupted halfway.
         """
         with self._condition:
-            self._pending = [p for p in dict.fromkeys(planes) if not self.session.is_encoded(p)]
+            self._pending = [p for p in dict.fromkeys(planes) if not self.is_ready(p)]
             for plane in self._pending:
                 self._failures.pop(plane, None)
             self._condition.notify()
@@ -57,8 +58,8 @@ class BackgroundEncoder:
         with self._condition:
             self._pending.clear()
 
-    def is_ready(self, plane: SlicePlane) -> bool:
-        return self.session.is_encoded(plane)
+    def is_ready(self, plane: SlicePlane | tuple) -> bool:
+        return self.session.is_encoded(*plane) if isinstance(plane, tuple) else self.session.is_encoded(plane)
 
     def is_busy(self) -> bool:
         with self._condition:
@@ -73,7 +74,7 @@ class BackgroundEncoder:
         """Block until the plane is encoded or has failed (for scripts and tests, not the GUI)."""
         with self._condition:
             return self._condition.wait_for(
-                lambda: self.session.is_encoded(plane) or plane in self._failures or self._stopped, timeout
+                lambda: self.is_ready(plane) or plane in self._failures or self._stopped, timeout
             )
 
     def stop(self) -> None:
@@ -93,8 +94,8 @@ class BackgroundEncoder:
                 plane = self._pending.pop(0)
                 self._running = plane
             try:
-                if not self.session.is_encoded(plane):
-                    self.session.embedding(plane)
+                if not self.is_ready(plane):
+                    self.session.embedding(*plane) if isinstance(plane, tuple) else self.session.embedding(plane)
                     self.encoded += 1
             except BaseException as exc:  # reported to the GUI thread, which shows it
                 with self._condition:

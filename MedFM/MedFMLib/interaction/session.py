@@ -122,7 +122,7 @@ class Session(SessionObjects):
         self._redo: list[list[_Change]] = []
         self._next_object_id = 1
         self._next_prompt_id = 1
-        self.zoom = SmallObjectZoom(engine) if engine.zooms_on_small_objects else None
+        self.zoom = SmallObjectZoom(engine) if getattr(engine, "zooms_on_small_objects", False) else None
 
     # ----------------------------------------------------------------- objects
     def add_object(self, name: str | None = None, color: Sequence[float] | None = None) -> int:
@@ -424,7 +424,8 @@ class Session(SessionObjects):
         return [self._apply(c.object_id, c.plane, c.after) for c in changes]
 
     # --------------------------------------------------------------- encoding
-    def embedding_key(self, plane: SlicePlane) -> EmbeddingKey:
+    def embedding_key(self, plane: SlicePlane, crop: Crop | None = None) -> EmbeddingKey:
+        """The cache's key of a plane's embedding, or of a ``crop`` of its model image (zoom.py)."""
         return EmbeddingKey(
             volume=self.volume.fingerprint,
             axis=plane.axis,
@@ -432,6 +433,7 @@ class Session(SessionObjects):
             engine=self.engine.cache_id,
             window=self.window.key(),
             image_shape=self.model_image_shape(plane),
+            crop=None if crop is None else (crop.row, crop.col, crop.rows, crop.cols),
         )
 
     def model_image_shape(self, plane: SlicePlane) -> tuple[int, int]:
@@ -448,15 +450,13 @@ class Session(SessionObjects):
         return image if image.shape == target else resize_linear(image, target)
 
     def embedding(self, plane: SlicePlane, crop: Crop | None = None, image: np.ndarray | None = None) -> Embedding:
-        """The plane's embedding (or that of a ``crop`` of its model ``image``), encoded on first use, cached after."""
-        key = self.embedding_key(plane)
-        if crop is None:
-            return self.cache.get_or_create(key, lambda: self.engine.encode(self.model_image(plane)))
-        key = replace(key, crop=(crop.row, crop.col, crop.rows, crop.cols))
-        return self.cache.get_or_create(key, lambda: self.engine.encode(image[crop.slices]))
+        """The plane's embedding (or its ``crop``'s), encoded on first use, cached after; ``image``: the model's."""
+        image_of = (lambda: self.model_image(plane)) if image is None else (lambda: image)
+        encode = (lambda: image_of()[crop.slices]) if crop is not None else image_of
+        return self.cache.get_or_create(self.embedding_key(plane, crop), lambda: self.engine.encode(encode()))
 
-    def is_encoded(self, plane: SlicePlane) -> bool:
-        return self.embedding_key(plane) in self.cache
+    def is_encoded(self, plane: SlicePlane, crop: Crop | None = None) -> bool:
+        return self.embedding_key(plane, crop) in self.cache
 
     def slice_prompts(self, state: SliceState) -> Prompts2D:
         """A state's prompts in the pixel coordinates of the engine's image.

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..engines.base import Embedding, Engine, Prediction, Prompts2D
+from ..imaging.geometry import box_on_plane
 
 #: the box's longer side as a fraction of the crop's side
 ZOOM_FILL = 0.375
@@ -139,3 +140,20 @@ class SmallObjectZoom:
         mask = np.zeros(image.shape, dtype=bool)
         mask[crop.slices] = zoomed.mask
         return replace(zoomed, mask=mask, low_res_logits=None if whole is None else whole.low_res_logits)
+
+
+def box_encodings(session, corner_a, corner_b, axis: int) -> list:
+    """What a box with these RAS corners needs encoded, for a front end to encode off its GUI thread: the box's
+    plane, then (plane, crop) for the crop the zoom will want around it, if any."""
+    plane, box = box_on_plane(session.volume, corner_a, corner_b, axis)
+    items: list = [plane]
+    zoom = getattr(session, "zoom", None)  # a server's session zooms on the server
+    if zoom is not None:
+        rows, cols = plane.shape(session.volume)
+        shape = session.model_image_shape(plane)
+        if shape != (rows, cols):
+            box = Prompts2D(box=box).scaled(shape[1] / cols, shape[0] / rows).box
+        entry = zoom.crop(plane, np.asarray(box, dtype=np.float64), shape)
+        if entry is not None:
+            items.append((plane, entry[0]))
+    return items

@@ -204,7 +204,7 @@ class InteractionController(PropagationCommands):
         image = volumeNode.GetImageData()  # its time stamp changes when the voxels do, not the display
         logic = self.logic
         key = (volumeNode.GetID(), image.GetMTime() if image else 0, settings.modelName, settings.device,
-               settings.intensity, logic.serverUrl, logic.runtime, logic.fast)  # fmt: skip
+               settings.intensity, logic.serverUrl, logic.runtime, logic.fast, logic.zoom)  # fmt: skip
         if self.session is not None and key == self.sessionKey:
             return self.session
         volume = volume_from_node(volumeNode)
@@ -345,9 +345,10 @@ class InteractionController(PropagationCommands):
         self._dragSince = None
         if self._sessionOrReport() is None:
             return
-        planes = self.sync.prompted_planes(self.positiveNode, self.negativeNode)
+        planes = self._promptedItems()
         missing = [p for p in planes if not self.encoder.is_ready(p)]
-        wanted = missing + [n for p in planes[-1:] for n in self.encoder.neighbours(p, NEIGHBOURS_TO_PREFETCH)]
+        wanted = missing + [n for p in planes[-1:] if not isinstance(p, tuple)
+                            for n in self.encoder.neighbours(p, NEIGHBOURS_TO_PREFETCH)]  # fmt: skip
         self.encoder.request(wanted)
         self.encoding = bool(missing)
         self._changed()
@@ -363,8 +364,22 @@ class InteractionController(PropagationCommands):
         if self.job is not None:
             self._pollPropagation()
 
-    def _pollEncoding(self) -> None:
+    def _promptedItems(self) -> list:
+        """The planes the prompts lie on, and the box's plane and the crop the zoom wants around it (zoom.py)."""
         planes = self.sync.prompted_planes(self.positiveNode, self.negativeNode)
+        roi = self.roiNode
+        if roi is None or roi.GetNumberOfDefinedControlPoints() == 0 or getattr(self.session, "volumetric", False):
+            return planes
+        from ..interaction.zoom import box_encodings
+
+        view = sliceNormal(self._boxView) if self._boxView is not None else None
+        try:
+            return planes + box_encodings(self.session, *self.sync.box_of_roi(roi, view))
+        except MedFMError:
+            return planes  # decodeNow says what is wrong with the box
+
+    def _pollEncoding(self) -> None:
+        planes = self._promptedItems()
         for plane in planes:
             failure = self.encoder.failure(plane)
             if failure is not None:

@@ -116,17 +116,20 @@ class SegmentationLogic:
     #: what runs SAM-family encoders (auto: OpenVINO on a CPU when installed), and bf16 where the CPU has it
     runtime: str = "auto"
     fast: bool = False
+    #: the small-object zoom where a model's catalog entry asks for it (interaction/zoom.py); False: never
+    zoom: bool = True
 
     def engine(self, modelName: str, device: str = "auto"):
         """The engine for a model, loaded once and kept. A model not yet downloaded is an error, not a download:
         the GUI asks first, and scripts call ``downloadModel``."""
         from ..engines import create_engine
 
-        key = (modelName, device, self.runtime, self.fast)
+        key = (modelName, device, self.runtime, self.fast, self.zoom)
         if key not in self._engines:
             checkpoint = self.store.checkpoint(modelName, fetch=False)
             self._engines[key] = create_engine(modelName, checkpoint=checkpoint, device=device, store=self.store,
-                                               runtime=self.runtime, fast=self.fast)  # fmt: skip
+                                               runtime=self.runtime, fast=self.fast,
+                                               zoom=None if self.zoom else False)  # fmt: skip
         return self._engines[key]
 
     # ---------------------------------------------------------------- segment

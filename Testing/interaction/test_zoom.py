@@ -138,3 +138,28 @@ def test_medfm_segment_zooms_on_breast1_unless_told_not_to(litemedsam_store, tmp
         np.testing.assert_allclose(written.ijk_to_ras, volume.ijk_to_ras, atol=1e-4)
         scores[flags] = dice(written.array[k] > 0, label[k])
     assert scores[()] >= 0.75 and scores[("--no-zoom",)] < 0.5, scores
+
+
+def test_a_server_zooms_unless_served_with_no_zoom(litemedsam_store, tmp_path):
+    """The zoom runs where the session runs: on the server. The same box on breast1's largest slice through a
+    real `medfm serve`, started with and without --no-zoom."""
+    from conftest import SERVER_TOKEN, ServerProcess
+    from MedFMLib.models.store import ModelStore
+    from MedFMLib.remote.client import RemoteSession, ServerConnection
+
+    volume, label = real_case("breast1")
+    label = label > 0
+    k = int(np.argmax(label.sum(axis=(1, 2))))
+    ModelStore(tmp_path).import_file(litemedsam_store.path("litemedsam"), "litemedsam")
+    scores = {}
+    for flags in ((), ("--no-zoom",)):
+        server = ServerProcess(tmp_path, ["--models", "litemedsam", "--device", "cpu", *flags]).start()
+        try:
+            remote = RemoteSession(ServerConnection(server.url, SERVER_TOKEN), volume, "litemedsam")
+            lesion = remote.add_object("lesion")
+            remote.set_box(lesion, *box_corners(volume, label, k))
+            scores[flags] = dice(remote.mask(lesion)[k], label[k])
+            remote.close()
+        finally:
+            server.stop()
+    assert scores[()] >= 0.75 and scores[("--no-zoom",)] < 0.5, scores

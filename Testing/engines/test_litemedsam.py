@@ -202,3 +202,28 @@ def test_litemedsam_in_openvino_gives_torchs_embedding_and_runs_no_split(litemed
     assert not kinds & {"Split", "VariadicSplit"}, kinds
     flags = [m.separate_qkv for m in ov_engine.model.image_encoder.modules() if hasattr(m, "separate_qkv")]
     assert flags and not any(flags)  # torch keeps the one product that LoRA's adapters wrap
+
+
+def test_a_box_carried_from_a_small_section_is_grown_where_the_model_rates_that_clearly_higher(
+    litemedsam_store, brain1, monkeypatch
+):
+    """The challenge's box on brain1 is drawn on slice 14, the tumour's waist (247 voxels); slice 15 holds 842.
+    The box carried there holds only its bright core, and the mask fits that box, so widening to fit never
+    starts (slice 15's Dice 0.31). Decoded again with the box grown by a quarter on each side, which the model
+    rates clearly higher, slice 15 scores 0.90 and the box step 0.629 -> 0.736."""
+    import dataclasses
+
+    from MedFMLib.evaluation import protocols
+    from MedFMLib.interaction.session import Session
+
+    volume, label = brain1
+    label = label > 0
+    engine = create_engine("litemedsam", device="cpu", store=litemedsam_store)
+    scores = {}
+    for fraction in (0.25, 0.0):
+        monkeypatch.setattr(protocols, "CHALLENGE_BOX", dataclasses.replace(protocols.CHALLENGE_BOX,
+                                                                            grown_box_fraction=fraction))  # fmt: skip
+        results, final = protocols.run_cvpr25(Session(volume, engine), volume, label, clicks=0)
+        scores[fraction] = (results[0].steps[0]["dsc"], dice(final[15] > 0, label[15]))
+    assert scores[0.25][1] >= 0.8 and scores[0.0][1] < 0.5, scores
+    assert scores[0.25][0] >= scores[0.0][0] + 0.05, scores

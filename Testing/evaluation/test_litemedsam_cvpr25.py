@@ -18,9 +18,10 @@ def test_litemedsam_through_the_cvpr25_protocol_gains_from_every_click_series(li
     point misled it), decoded afresh (its own logits fed back drifted), and a negative click moves a side
     only past a fringe of the mask (a side through the object made it collapse). A click its answer still
     contradicts then corrects the mask around it, by a random walker on the image (``click_corrections``).
-    Measured: brain1 0.629 -> 0.735, breast1 0.568 -> 0.702 (mean final 0.719; without the corrections
-    0.763 and 0.575, mean 0.669; the issue's target is 0.80, which this model does not reach: its ceiling
-    on breast1 with the reference box on every slice is 0.41)."""
+    On its first slice a small lesion is also decoded on a crop around the box (``zoom``), and a propagated
+    slice also tries its carried box grown by a quarter on each side (``grown_box_fraction``).
+    Measured: brain1 0.736 -> 0.801 (box step -> final), breast1 0.665 -> 0.713 (mean final 0.757; before the
+    zoom and the grown box 0.735 and 0.702; the issue's target is 0.80)."""
     from MedFMLib.evaluation.protocols import run_cvpr25
     from MedFMLib.interaction.session import Session
 
@@ -34,6 +35,6 @@ def test_litemedsam_through_the_cvpr25_protocol_gains_from_every_click_series(li
         assert steps[-1] >= steps[0], (name, steps)  # clicks never leave a lesion worse than its box
         assert final.shape == labels.shape and (final > 0).any()
         finals.append(steps[-1])
-    assert finals[0] >= 0.70, finals  # brain1: its clicks on slice 15 grow the box to the larger section
-    assert finals[1] >= 0.65, finals  # breast1: negative clicks remove the leak on its first slice
-    assert np.mean(finals) >= 0.69, finals
+    assert finals[0] >= 0.77, finals  # brain1: the grown box reaches slice 15's larger section
+    assert finals[1] >= 0.68, finals  # breast1: the zoom, then negative clicks remove the leak on slice 8
+    assert np.mean(finals) >= 0.73, finals

@@ -48,6 +48,8 @@ class OptionsArgs(Strict):
     use_appearance: bool = True
     box_widenings: Annotated[int, Field(ge=0, le=20)] = 3
     box_widen_fraction: Annotated[float, Field(ge=0.0, le=10.0)] = 0.25
+    grown_box_fraction: Annotated[float, Field(ge=0.0, le=10.0)] = 0.25
+    grown_box_min_gain: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
     converge_dice: Annotated[float, Field(ge=0.0, le=1.0)] = 0.97
     roi_bounds_footprint: bool = True
 

@@ -449,11 +449,11 @@ class Session(SessionObjects):
         target = self.model_image_shape(plane)
         return image if image.shape == target else resize_linear(image, target)
 
-    def embedding(self, plane: SlicePlane, crop: Crop | None = None, image: np.ndarray | None = None) -> Embedding:
-        """The plane's embedding (or its ``crop``'s), encoded on first use, cached after; ``image``: the model's."""
-        image_of = (lambda: self.model_image(plane)) if image is None else (lambda: image)
-        encode = (lambda: image_of()[crop.slices]) if crop is not None else image_of
-        return self.cache.get_or_create(self.embedding_key(plane, crop), lambda: self.engine.encode(encode()))
+    def embedding(self, plane: SlicePlane, crop: Crop | None = None) -> Embedding:
+        """The plane's embedding, or a ``crop`` of its model image's (zoom.py): encoded on first use, cached after."""
+        window = (slice(None), slice(None)) if crop is None else crop.slices
+        encode = lambda: self.engine.encode(self.model_image(plane)[window])  # noqa: E731
+        return self.cache.get_or_create(self.embedding_key(plane, crop), encode)
 
     def is_encoded(self, plane: SlicePlane, crop: Crop | None = None) -> bool:
         return self.embedding_key(plane, crop) in self.cache

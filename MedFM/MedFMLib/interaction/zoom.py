@@ -110,13 +110,13 @@ class SmallObjectZoom:
         rates higher. Both are decoded the first time a crop serves; later prompts that the crop still serves
         decode only the one that won, so a click costs one decode.
 
-        ``session`` gives the model's image of ``plane`` and the crop's embedding, through its cache.
+        ``session`` gives the model image's shape on ``plane`` and the crop's embedding, through its cache.
         """
         if prompts.box is None:
             return decode_whole()
-        image = session.model_image(plane)
+        shape = session.model_image_shape(plane)  # the image itself only if the crop must be encoded
         box = np.asarray(prompts.box, dtype=np.float64)
-        entry = self.crop(plane, box, image.shape)
+        entry = self.crop(plane, box, shape)
         if entry is None:
             return decode_whole()
         crop, zoom_won = entry
@@ -130,14 +130,14 @@ class SmallObjectZoom:
         whole = None if zoom_won else decode_whole()
         if zoom_won is False:
             return whole
-        embedding: Embedding = session.embedding(plane, crop, image)
+        embedding: Embedding = session.embedding(plane, crop)
         local_box = np.clip(box - np.tile(offset, 2), 0, [crop.cols - 1, crop.rows - 1] * 2)  # a box past the border
         zoomed = self.engine.decode(embedding, Prompts2D(points=points, labels=labels, box=local_box))
         if zoom_won is None:
             entry[1] = zoom_won = zoomed.score > whole.score
             if not zoom_won:
                 return whole
-        mask = np.zeros(image.shape, dtype=bool)
+        mask = np.zeros(shape, dtype=bool)
         mask[crop.slices] = zoomed.mask
         return replace(zoomed, mask=mask, low_res_logits=None if whole is None else whole.low_res_logits)
 
